@@ -15,7 +15,6 @@ functions (``pip install "rlkit[megatron]"``).
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rlkit._optional import require
-from rlkit.parallel.megatron.attention import packed_causal_attention
+from rlkit.parallel.megatron.spec import gpt_layer_spec
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
 
@@ -137,89 +136,6 @@ def _moe_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
         moe_grouped_gemm=False,
         moe_router_dtype="fp32",
     )
-
-
-def _packed_core_attention_class():
-    """Defined lazily: it subclasses megatron-core's ``MegatronModule``."""
-    megatron_module = _megatron("the packed core attention").transformer.module.MegatronModule
-
-    class PackedCoreAttention(megatron_module):
-        """Core attention for megatron-core's local spec that accepts THD-packed or padded input.
-
-        Drop-in for ``DotProductAttention`` (same constructor), causal only. Under tensor
-        parallelism it sees the rank's local heads; the formula does not change.
-        """
-
-        def __init__(
-            self,
-            config,
-            layer_number: int,
-            attn_mask_type,
-            attention_type: str,
-            attention_dropout: float | None = None,
-            softmax_scale: float | None = None,
-            cp_comm_type: str | None = None,
-            pg_collection=None,
-        ):
-            super().__init__(config=config)
-            if (attention_dropout if attention_dropout is not None else config.attention_dropout) != 0.0:
-                raise ValueError("PackedCoreAttention has no dropout; set attention_dropout=0.0")
-            if config.context_parallel_size > 1:
-                raise ValueError(f"context_parallel_size={config.context_parallel_size} is not supported yet; use 1")
-            if attn_mask_type.name != "causal":
-                raise ValueError(f"attn_mask_type={attn_mask_type.name}: PackedCoreAttention is causal only")
-            self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
-            self.current_max_attn_logits = None
-
-        def forward(
-            self,
-            query: Tensor,
-            key: Tensor,
-            value: Tensor,
-            attention_mask: Tensor | None,
-            attn_mask_type=None,
-            attention_bias: Tensor | None = None,
-            packed_seq_params=None,
-        ) -> Tensor:
-            """``[T, Hq, D]`` (THD) -> ``[T, Hq * D]``, or ``[S, B, Hq, D]`` (padded) -> ``[S, B, Hq * D]``."""
-            if attention_bias is not None:
-                raise ValueError("attention_bias is not supported by PackedCoreAttention")
-            if packed_seq_params is not None:
-                if packed_seq_params.qkv_format != "thd":
-                    raise ValueError(f"qkv_format={packed_seq_params.qkv_format!r}: only 'thd' packing is supported")
-                out = packed_causal_attention(
-                    query,
-                    key,
-                    value,
-                    packed_seq_params.cu_seqlens_q,
-                    max_seqlen=packed_seq_params.max_seqlen_q,
-                    softmax_scale=self.softmax_scale,
-                )
-                return out.reshape(out.shape[0], -1)
-            # Right-padded rows under a causal mask: padding never reaches a real token, so no padding mask.
-            if attention_mask is not None:
-                raise ValueError("pass attention_mask=None: PackedCoreAttention applies the causal mask itself")
-            seq, batch, heads, dim = query.shape
-            q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [B, H, S, D]
-            out = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=self.softmax_scale, enable_gqa=k.shape[1] != heads
-            )
-            return out.permute(2, 0, 1, 3).reshape(seq, batch, heads * dim)
-
-    return PackedCoreAttention
-
-
-def gpt_layer_spec(*, num_experts: int | None = None):
-    """megatron-core's local GPT layer spec with :class:`PackedCoreAttention` as its core attention.
-
-    RMSNorm, QK-norm, and ``SequentialMLP`` routed experts when ``num_experts`` is given.
-    """
-    specs = require("megatron.core.models.gpt.gpt_layer_specs", purpose="the megatron layer spec")
-    spec = specs.get_gpt_layer_local_spec(
-        num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=True, normalization="RMSNorm"
-    )
-    spec.submodules.self_attention.submodules.core_attention = _packed_core_attention_class()
-    return spec
 
 
 def init_model_parallel(*, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1) -> None:
