@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--adam-beta1", type=float, default=0.9)
     a("--adam-beta2", type=float, default=0.999)
     a("--clip-grad", type=float, default=1.0)
+    a("--use-distributed-optimizer", action="store_true", help="(megatron backend) shard optimizer state over DP")
+    a("--optimizer-cpu-offload", action="store_true", help="(megatron backend) optimizer state and step on the CPU")
     a = p.add_argument_group("RESOURCES / SGLANG").add_argument
     a("--colocate", action="store_true", help="engine in this process (else its own process)")
     a("--async", dest="async_mode", action="store_true", help="generate rollout k+1 while training on k")
@@ -161,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sglang-mem-fraction-static", type=float, default=None)
     a("--sglang-cuda-graph-bs", type=int, nargs="+", default=None)
     a = p.add_argument_group("RLKIT").add_argument
+    a(
+        "--backend",
+        choices=["hf", "megatron"],
+        default="hf",
+        help="trainer: HF transformers on one device, or megatron-core over torchrun processes (grpo_megatron.py)",
+    )
     a("--output-dir", default="outputs/grpo_qwen3_4b")
     a("--device", default=None, help="cpu / cuda (default: cuda if available)")
     a("--seed", type=int, default=1234)
@@ -169,9 +177,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def backend_problems(args: argparse.Namespace) -> list[str]:
-    """Settings this backend (HF transformers, one device) cannot honour, each with the reason and fix."""
-    one_device = "the HF backend trains on one device; use the megatron-core backend for model parallelism"
+def backend_problems(args: argparse.Namespace, *, world_size: int | None = None) -> list[str]:
+    """Settings the chosen ``--backend`` (or the rollout side) cannot honour, each with the reason and fix."""
+    if world_size is None:  # torchrun sets WORLD_SIZE; a plain python3 launch is one process
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.backend == "hf":
+        trainer = hf_problems(args)
+    else:
+        trainer = megatron_recipe().megatron_problems(args, world_size=world_size)
+    if args.backend == "hf" and world_size != 1:
+        trainer.append(f"torchrun with {world_size} processes: the HF backend is one process; use --backend megatron")
+    return trainer + rollout_problems(args)
+
+
+def hf_problems(args: argparse.Namespace) -> list[str]:
+    """Trainer settings the HF transformers backend (one device) cannot honour."""
+    one_device = "the HF backend trains on one device; use --backend megatron for model parallelism"
     checks = [
         (args.tensor_model_parallel_size != 1, f"--tensor-model-parallel-size {args.tensor_model_parallel_size}"),
         (args.pipeline_model_parallel_size != 1, f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}"),
@@ -186,12 +207,14 @@ def backend_problems(args: argparse.Namespace) -> list[str]:
             args.actor_num_nodes != 1 or args.actor_num_gpus_per_node != 1,
             f"--actor-num-nodes {args.actor_num_nodes} --actor-num-gpus-per-node {args.actor_num_gpus_per_node}",
         ),
+        (args.use_distributed_optimizer, "--use-distributed-optimizer"),
+        (args.optimizer_cpu_offload, "--optimizer-cpu-offload"),
     ]
     problems = [f"{flag}: not supported by this backend ({one_device})" for bad, flag in checks if bad]
     if args.ref_load:
         problems.append(
             "--ref-load: not supported by this backend (it reads Megatron torch_dist); the HF backend uses "
-            "--hf-checkpoint's weights as the reference model"
+            "--hf-checkpoint's weights as the reference model (or use --backend megatron)"
         )
     if (
         args.recompute_granularity == "selective"
@@ -202,6 +225,12 @@ def backend_problems(args: argparse.Namespace) -> list[str]:
             "--recompute-*: the HF backend supports only '--recompute-granularity full --recompute-method uniform "
             "--recompute-num-layers 1' (per-layer activation checkpointing)"
         )
+    return problems
+
+
+def rollout_problems(args: argparse.Namespace) -> list[str]:
+    """Rollout-side settings neither backend can honour (the engines are rlkit's, or a server you launch)."""
+    problems = []
     if args.rollout_num_gpus_per_engine != 1 and args.rollout_backend == "embedded":
         problems.append(
             f"--rollout-num-gpus-per-engine {args.rollout_num_gpus_per_engine}: not supported by the embedded "
@@ -458,6 +487,123 @@ def lr_schedule(args):
     return factor
 
 
+def build_dataset(args, tokenizer) -> PromptDataset:
+    return PromptDataset(
+        args.prompt_data,
+        tokenizer=tokenizer,
+        input_key=args.input_key,
+        label_key=args.label_key,
+        metadata_key=args.metadata_key,
+        apply_chat_template=args.apply_chat_template,
+        max_prompt_len=args.rollout_max_prompt_len,
+        shuffle=args.rollout_shuffle,
+        seed=args.rollout_seed,
+    )
+
+
+def build_scorer(args):
+    """``samples -> rewards``: ``--custom-rm-path`` or ``--rm-type``, each sample cut at ``--reward-timeout``."""
+    reward_fn = get_reward_fn(rm_type=None if args.custom_rm_path else args.rm_type, custom_rm_path=args.custom_rm_path)
+    return make_batch_reward_fn(reward_fn, timeout_s=args.reward_timeout)
+
+
+def build_packer(args, *, dp_size: int = 1) -> DataPacker:
+    """Micro-batches by token budget (``--use-dynamic-batch-size``) or by ``--micro-batch-size``."""
+    if args.use_dynamic_batch_size:
+        return DataPacker(dp_size=dp_size, max_tokens_per_gpu=args.max_tokens_per_gpu, balance_data=args.balance_data)
+    return DataPacker(dp_size=dp_size, micro_batch_size=args.micro_batch_size)
+
+
+def build_loss_config(args) -> PolicyLossConfig:
+    return PolicyLossConfig(
+        eps_clip=args.eps_clip,
+        eps_clip_high=args.eps_clip_high,
+        eps_clip_c=args.eps_clip_c,
+        use_kl_loss=args.use_kl_loss and args.kl_loss_coef != 0,
+        kl_loss_coef=args.kl_loss_coef,
+        kl_loss_type=args.kl_loss_type,
+        entropy_coef=args.entropy_coef,
+        use_tis=args.use_tis,
+        tis_clip=args.tis_clip,
+        aggregation=args.loss_aggregation,
+    )
+
+
+def warm_start_if_needed(args, policy, dataset, tokenizer, score, stops) -> None:
+    """SFT on the labels when the untrained policy earns no reward on one probe batch (a random model)."""
+    if not args.sft_warmup_steps:
+        return
+    probe = dataset.next_batch(args.rollout_batch_size)  # does the untrained policy earn any reward?
+    probe_engine = EmbeddedEngine(policy.eval(), pad_token_id=tokenizer.pad_token_id or 0, tokenizer=tokenizer)
+    probe_engine.generate(probe, sampling_params(args, stops, seed=args.seed))
+    policy.train()
+    if max(score(probe)) <= 0:
+        print(
+            f"[rlkit] the untrained policy earned no reward on {len(probe)} prompts: SFT warm-start for "
+            f"{args.sft_warmup_steps} steps on the training labels (\\boxed{{label}})",
+            flush=True,
+        )
+        sft_opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+        loss = sft_warmup(
+            policy, sft_opt, dataset, tokenizer, steps=args.sft_warmup_steps, batch_size=32, stop_id=stops[-1]
+        )
+        print(f"[rlkit] SFT warm-start done, final loss {loss:.3f}", flush=True)
+
+
+def make_rollout_fn(args, engine, dataset, score, stops, buffer):
+    """``rollout_id -> (groups, metrics)``: one rollout step (over-sampling, filter, partial rollouts)."""
+    config = RolloutConfig(
+        rollout_batch_size=args.rollout_batch_size,
+        n_samples_per_prompt=args.n_samples_per_prompt,
+        over_sampling_batch_size=args.over_sampling_batch_size,
+        partial_rollout=args.partial_rollout,
+    )
+    dynamic_filter = get_dynamic_filter(args.dynamic_sampling_filter_path)
+
+    def do_rollout(rollout_id):
+        return rollout_step(
+            engine=engine,
+            prompt_source=dataset.next_batch,
+            reward_fn=score,
+            sampling=sampling_params(args, stops, seed=args.seed * 100_003 + rollout_id),
+            config=config,
+            rollout_id=rollout_id,
+            dynamic_filter=dynamic_filter,
+            buffer=buffer if args.partial_rollout else None,
+            show_progress=sys.stderr.isatty(),  # a bar per rollout on a terminal, none in logs
+        )
+
+    return do_rollout
+
+
+def graded_samples(args, groups, rollout_id) -> tuple[list[Sample], torch.Tensor, dict[str, int]]:
+    """Flatten a rollout, report reward failures, and put the advantages on every sample (metadata)."""
+    samples = flatten_groups(groups)
+    reward_errors = count_reward_errors(samples)
+    if any(reward_errors.values()):  # graded as failures, never a crash; say so and why
+        first = next(s.metadata["reward_error"] for s in samples if s.metadata.get("reward_error"))
+        print(f"[rlkit] rollout {rollout_id}: reward failures {reward_errors} (scored 0), e.g. {first}", flush=True)
+    rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
+    for s, adv in zip(samples, estimate_advantages(args, rewards).tolist(), strict=True):
+        s.metadata["advantages"] = [adv] * s.response_length
+        s.metadata["rollout_log_probs"] = s.rollout_log_probs
+    return samples, rewards, reward_errors
+
+
+def rollout_record(rollout_id, groups, samples, rewards, reward_errors, rollout_metrics, step_metrics, *, elapsed, lr):
+    """The flat per-rollout record of ``metrics.jsonl`` (and of the console line)."""
+    record = {
+        "rollout_id": rollout_id,
+        "reward": float(rewards.mean()),
+        "time_s": elapsed,
+        "tokens_per_s": sum(len(s.tokens) for s in samples) / elapsed,
+        "lr": lr,
+        "prompts": [g[0].prompt for g in groups],
+    }
+    record |= {k: v for k, v in rollout_metrics.items() if k.startswith("rollout/num_groups")} | step_metrics
+    return record | {f"reward/{kind}s": float(n) for kind, n in reward_errors.items()}
+
+
 def save(args, policy, optimizer, scheduler, dataset, buffer, history, tokenizer, next_rollout_id, prefetched):
     loop_state = {
         "next_rollout_id": next_rollout_id,
@@ -482,6 +628,17 @@ def save(args, policy, optimizer, scheduler, dataset, buffer, history, tokenizer
         tokenizer.save_pretrained(path / "hf")
 
 
+def megatron_recipe():
+    """``examples/grpo_megatron.py``, this loop on the megatron-core backend (examples/ is no package: by path)."""
+    import importlib.util
+
+    if "grpo_megatron" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("grpo_megatron", Path(__file__).with_name("grpo_megatron.py"))
+        sys.modules["grpo_megatron"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["grpo_megatron"])
+    return sys.modules["grpo_megatron"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # 4. The loop.
 # ----------------------------------------------------------------------------------------------------
@@ -489,6 +646,8 @@ def save(args, policy, optimizer, scheduler, dataset, buffer, history, tokenizer
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.backend == "megatron":
+        return megatron_recipe().main(args)
     if args.embedded_default:
         print(
             "[rlkit] no --hf-checkpoint: running the EMBEDDED DEFAULT (a tiny Qwen3-architecture model, a char "
@@ -505,25 +664,12 @@ def main(argv: list[str] | None = None) -> None:
         policy.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(args))
-    dataset = PromptDataset(
-        args.prompt_data,
-        tokenizer=tokenizer,
-        input_key=args.input_key,
-        label_key=args.label_key,
-        metadata_key=args.metadata_key,
-        apply_chat_template=args.apply_chat_template,
-        max_prompt_len=args.rollout_max_prompt_len,
-        shuffle=args.rollout_shuffle,
-        seed=args.rollout_seed,
+    dataset, score, eval_sets = (
+        build_dataset(args, tokenizer),
+        build_scorer(args),
+        build_eval_sets(args, tokenizer, stops),
     )
-    reward_fn = get_reward_fn(rm_type=None if args.custom_rm_path else args.rm_type, custom_rm_path=args.custom_rm_path)
-    score = make_batch_reward_fn(reward_fn, timeout_s=args.reward_timeout)
-    eval_sets = build_eval_sets(args, tokenizer, stops)
-    packer = (
-        DataPacker(max_tokens_per_gpu=args.max_tokens_per_gpu, balance_data=args.balance_data)
-        if args.use_dynamic_batch_size
-        else DataPacker(micro_batch_size=args.micro_batch_size)
-    )
+    packer = build_packer(args)
     buffer = PartialRolloutBuffer(get_buffer_filter(args.buffer_filter_path))
     start_rollout, history, prefetched = 0, [], None
     if args.load:
@@ -539,34 +685,9 @@ def main(argv: list[str] | None = None) -> None:
             prefetched = (groups, state.loop_state["prefetched_metrics"])
         restore_rng_state(state.rng_state)
         print(f"[rlkit] resumed from {state.path} at rollout {start_rollout}", flush=True)
-    elif args.sft_warmup_steps:
-        probe = dataset.next_batch(args.rollout_batch_size)  # does the untrained policy earn any reward?
-        probe_engine = EmbeddedEngine(policy.eval(), pad_token_id=pad_id, tokenizer=tokenizer)
-        probe_engine.generate(probe, sampling_params(args, stops, seed=args.seed))
-        policy.train()
-        if max(score(probe)) <= 0:
-            print(
-                f"[rlkit] the untrained policy earned no reward on {len(probe)} prompts: SFT warm-start for "
-                f"{args.sft_warmup_steps} steps on the training labels (\\boxed{{label}})",
-                flush=True,
-            )
-            sft_opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
-            loss = sft_warmup(
-                policy, sft_opt, dataset, tokenizer, steps=args.sft_warmup_steps, batch_size=32, stop_id=stops[-1]
-            )
-            print(f"[rlkit] SFT warm-start done, final loss {loss:.3f}", flush=True)
-    loss_config = PolicyLossConfig(
-        eps_clip=args.eps_clip,
-        eps_clip_high=args.eps_clip_high,
-        eps_clip_c=args.eps_clip_c,
-        use_kl_loss=args.use_kl_loss and args.kl_loss_coef != 0,
-        kl_loss_coef=args.kl_loss_coef,
-        kl_loss_type=args.kl_loss_type,
-        entropy_coef=args.entropy_coef,
-        use_tis=args.use_tis,
-        tis_clip=args.tis_clip,
-        aggregation=args.loss_aggregation,
-    )
+    else:
+        warm_start_if_needed(args, policy, dataset, tokenizer, score, stops)
+    loss_config = build_loss_config(args)
     reference = None
     if loss_config.use_kl_loss:  # slime loads a reference only when the KL term can matter
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
@@ -574,27 +695,7 @@ def main(argv: list[str] | None = None) -> None:
     where = f"its own process (pid {engine.process.pid})" if isinstance(engine, ProcessEngine) else "this process"
     print(f"[rlkit] rollout engine: {type(engine).__name__} in {where}", flush=True)
     engine.update_weights(policy.state_dict())
-    rollout_config = RolloutConfig(
-        rollout_batch_size=args.rollout_batch_size,
-        n_samples_per_prompt=args.n_samples_per_prompt,
-        over_sampling_batch_size=args.over_sampling_batch_size,
-        partial_rollout=args.partial_rollout,
-    )
-    dynamic_filter = get_dynamic_filter(args.dynamic_sampling_filter_path)
-
-    def do_rollout(rollout_id):
-        return rollout_step(
-            engine=engine,
-            prompt_source=dataset.next_batch,
-            reward_fn=score,
-            sampling=sampling_params(args, stops, seed=args.seed * 100_003 + rollout_id),
-            config=rollout_config,
-            rollout_id=rollout_id,
-            dynamic_filter=dynamic_filter,
-            buffer=buffer if args.partial_rollout else None,
-            show_progress=sys.stderr.isatty(),  # a bar per rollout on a terminal, none in logs
-        )
-
+    do_rollout = make_rollout_fn(args, engine, dataset, score, stops, buffer)
     metrics_file = open(output_dir / "metrics.jsonl", "a")
     if start_rollout == 0 and eval_sets:
         history.append(evaluate(engine, eval_sets, score, rollout_id=0))
@@ -612,15 +713,7 @@ def main(argv: list[str] | None = None) -> None:
             groups, metrics = pending.result() if pool else do_rollout(rollout_id)
         if pool and rollout_id + 1 < args.num_rollout:
             pending = pool.submit(do_rollout, rollout_id + 1)  # uses the weights before this step's update
-        samples = flatten_groups(groups)
-        reward_errors = count_reward_errors(samples)
-        if any(reward_errors.values()):  # graded as failures, never a crash; say so and why
-            first = next(s.metadata["reward_error"] for s in samples if s.metadata.get("reward_error"))
-            print(f"[rlkit] rollout {rollout_id}: reward failures {reward_errors} (scored 0), e.g. {first}", flush=True)
-        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
-        for s, adv in zip(samples, estimate_advantages(args, rewards).tolist(), strict=True):
-            s.metadata["advantages"] = [adv] * s.response_length
-            s.metadata["rollout_log_probs"] = s.rollout_log_probs
+        samples, rewards, reward_errors = graded_samples(args, groups, rollout_id)
         if args.num_steps_per_rollout > 1 or args.async_mode or args.use_tis:
             # the policy that generated is not the one being trained: recompute its log-probs once
             store_response_logprobs(
@@ -638,17 +731,9 @@ def main(argv: list[str] | None = None) -> None:
             scheduler.step()
         # weight sync; with --async the engine's lock makes this wait for the in-flight generation
         engine.update_weights(policy.state_dict())
-        elapsed = time.perf_counter() - t0
-        record = {
-            "rollout_id": rollout_id,
-            "reward": float(rewards.mean()),
-            "time_s": elapsed,
-            "tokens_per_s": sum(len(s.tokens) for s in samples) / elapsed,
-            "lr": scheduler.get_last_lr()[0],
-            "prompts": [g[0].prompt for g in groups],
-        }
-        record |= {k: v for k, v in metrics.items() if k.startswith("rollout/num_groups")} | step_metrics
-        record |= {f"reward/{kind}s": float(n) for kind, n in reward_errors.items()}
+        elapsed, lr = time.perf_counter() - t0, scheduler.get_last_lr()[0]
+        record = rollout_record(rollout_id, groups, samples, rewards, reward_errors, metrics, step_metrics,
+                                elapsed=elapsed, lr=lr)  # fmt: skip
         if eval_sets and args.eval_interval and (rollout_id + 1) % args.eval_interval == 0:
             record |= evaluate(engine, eval_sets, score, rollout_id=rollout_id + 1)
         history.append(record)
