@@ -70,10 +70,11 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature={temperature} must be > 0; use 1.0 for the untempered distribution")
 
 
-def _check_tokens(tokens: Tensor, vocab_lo: int, vocab_hi: int, ignore_index: int) -> None:
+def _check_tokens(tokens: Tensor, vocab_lo: int, vocab_hi: int, ignore_index: int, *, check_range: bool = True) -> None:
+    """Dtype always; the id range only with ``check_range`` (it reads the ids on the host: a sync on CUDA)."""
     if tokens.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"tokens must be int64 or int32, got {tokens.dtype}; pass token ids, not one-hot")
-    if tokens.numel() == 0:
+    if tokens.numel() == 0 or not check_range:
         return
     valid = tokens[tokens != ignore_index]
     if valid.numel() and (int(valid.min()) < vocab_lo or int(valid.max()) >= vocab_hi):
@@ -313,8 +314,10 @@ def logprobs_and_entropy(
     if not logits.is_floating_point():
         raise ValueError(f"logits must be a float tensor, got {logits.dtype}")
     vocab_size = logits.shape[-1]
-    _check_tokens(tokens, 0, vocab_size, ignore_index)
     resolved = _resolve_backend(backend, logits.device)
+    # No host sync on the Triton path (it would stop the CPU from running ahead of the GPU mid-step):
+    # the kernel writes a NaN log-prob for an id outside [0, V) instead.
+    _check_tokens(tokens, 0, vocab_size, ignore_index, check_range=resolved != "triton")
     logits2d = logits.reshape(-1, vocab_size)
     tokens1d = tokens.reshape(-1)
     outs = _LogprobsEntropyFunction.apply(
@@ -473,7 +476,7 @@ def logprobs_and_entropy_from_hidden(
             "dtype and device; cast one of them"
         )
     vocab_size = weight.shape[0]
-    _check_tokens(tokens, 0, vocab_size, ignore_index)
+    _check_tokens(tokens, 0, vocab_size, ignore_index)  # vocabulary slices would turn a bad id into -lse
     resolved = _resolve_backend(backend, hidden.device)
     outs = _FromHiddenFunction.apply(
         hidden, weight, tokens, float(temperature), ignore_index, compute_entropy,

@@ -57,8 +57,11 @@ def _forward_kernel(
     tl.store(lse_ptr + row, lse)
     token = tl.load(tokens_ptr + row).to(tl.int64)
     has_target = token != ignore_index
-    chosen = tl.load(row_ptr + tl.where(has_target, token, 0)).to(tl.float32) * scale2
-    tl.store(log_probs_ptr + row, tl.where(has_target, (chosen - lse2) * _LN2, 0.0))
+    # The host does not check ids (that would sync): an id outside [0, V) reads nothing and yields NaN.
+    in_range = (token >= 0) & (token < vocab_size)
+    chosen = tl.load(row_ptr + tl.where(in_range, token, 0)).to(tl.float32) * scale2
+    log_prob = tl.where(in_range, (chosen - lse2) * _LN2, float("nan"))
+    tl.store(log_probs_ptr + row, tl.where(has_target, log_prob, 0.0))
     if COMPUTE_ENTROPY:
         # H = lse - sum p z on max-shifted values, back to natural units: (log2 S - W / S) * ln 2
         tl.store(entropy_ptr + row, (shifted_lse2 - tl.sum(sum_exp_u, axis=0) / total) * _LN2)
