@@ -20,6 +20,7 @@ Sampling and the log-prob convention are in :mod:`rlkit.rollout.engines.sampling
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -111,23 +112,41 @@ class EmbeddedEngine:
             ValueError: a shape mismatch, naming the tensor and both shapes.
         """
         live = self.model.state_dict(keep_vars=True)
-        unknown = [name for name in state_dict if name not in live]
-        if unknown:
-            raise KeyError(
-                f"update_weights: unknown parameter names {unknown[:5]}; the model has e.g. {list(live)[:5]}"
-            )
         # All shapes are checked before the first copy, so a bad state dict leaves the model as it was
         # instead of half old and half new weights.
-        for name, tensor in state_dict.items():
-            if live[name].shape != tensor.shape:
-                raise ValueError(
-                    f"update_weights: {name} has shape {tuple(tensor.shape)}, model expects {tuple(live[name].shape)}"
-                )
+        _check_against_live(state_dict, live)
         with self._lock, torch.no_grad():
             for name, tensor in state_dict.items():
                 live[name].copy_(tensor, non_blocking=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def load_weight_buckets(self, buckets: Iterable[Mapping[str, torch.Tensor]]) -> int:
+        """Copy a stream of weight buckets into the live parameters in place; returns the tensors copied.
+
+        This is the colocated weight-sync path: the trainer yields bounded buckets of tensors on the same
+        device (see ``rlkit.parallel.megatron.weight_sync``), each is copied with ``Tensor.copy_`` into the
+        existing parameter (no re-allocation, dtype cast on the fly) and can be freed before the next one is
+        made. Generation is locked out for the whole stream, so it never runs on half-updated weights. A tied
+        head shares the embedding's storage, so the embedding alone updates both.
+
+        Each bucket is checked before any of its tensors is copied; a bad bucket raises with the earlier
+        buckets already loaded (a stream cannot be checked ahead), so retry the whole sync after fixing it.
+
+        Raises:
+            KeyError: a name the model does not have. ValueError: a shape mismatch naming the tensor.
+        """
+        live = self.model.state_dict(keep_vars=True)
+        num_copied = 0
+        with self._lock, torch.no_grad():
+            for bucket in buckets:
+                _check_against_live(bucket, live)
+                for name, tensor in bucket.items():
+                    live[name].copy_(tensor, non_blocking=True)
+                num_copied += len(bucket)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        return num_copied
 
     def abort(self) -> None:
         """Make the running (or next chunk of the running) ``generate`` return its rows ``ABORTED``."""
@@ -242,6 +261,17 @@ class EmbeddedEngine:
             return out.logits[:, -1]
 
         return prefill, step
+
+
+def _check_against_live(state_dict: Mapping[str, torch.Tensor], live: Mapping[str, torch.Tensor]) -> None:
+    unknown = [name for name in state_dict if name not in live]
+    if unknown:
+        raise KeyError(f"update_weights: unknown parameter names {unknown[:5]}; the model has e.g. {list(live)[:5]}")
+    for name, tensor in state_dict.items():
+        if live[name].shape != tensor.shape:
+            raise ValueError(
+                f"update_weights: {name} has shape {tuple(tensor.shape)}, model expects {tuple(live[name].shape)}"
+            )
 
 
 def _new_cache(model: torch.nn.Module) -> Any:

@@ -16,18 +16,29 @@ parent talks to it over a pipe:
   a dead child makes ``health()`` false and any pending call raise :class:`ProcessEngineError`.
 
 The child is started with the ``spawn`` method (``fork`` is unsafe with CUDA and with threads).
+
+Weights by broadcast (the decoupled weight sync, after SGLang's ``init_weights_update_group`` /
+``update_weights_from_distributed`` that slime drives): :meth:`ProcessEngine.init_weight_group` makes a
+two-member process group (NCCL on GPU, gloo on CPU; rank 0 the trainer, rank 1 the engine), built from a
+``TCPStore`` as a standalone backend object, so it touches neither side's default group. Then
+:meth:`ProcessEngine.update_weights_by_broadcast` streams buckets over it with the protocol of
+:func:`broadcast_buckets` / :func:`receive_buckets`; the pipe only starts the receiver and returns its result.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import datetime
+import json
 import pickle
+import socket
 import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rlkit.plugins import load_callable
@@ -56,6 +67,162 @@ def resolve_factory(path: str) -> Callable[..., Any]:
     return load_callable(path)
 
 
+# -- weights by broadcast ---------------------------------------------------------------------------------
+
+_END, _ABORT = 0, -1  # header values of the two control messages
+
+
+class WeightGroupError(RuntimeError):
+    """The weight broadcast group failed: a peer did not join or answer in time, or the sender aborted."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (for the weight group's store)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def new_weight_group(
+    *, host: str, port: int, rank: int, world_size: int = 2, backend: str = "gloo", timeout_s: float = 300
+) -> Any:
+    """A standalone process group (rank 0 hosts the ``TCPStore``) for broadcasting weights.
+
+    Args:
+        host, port: the store's address (rank 0 listens there).
+        rank: 0 for the sender (the trainer), ``1..world_size-1`` for engine processes.
+        world_size: members of the group.
+        backend: ``"gloo"`` (CPU tensors) or ``"nccl"`` (CUDA tensors; set the CUDA device first).
+        timeout_s: how long joining, and every broadcast, may wait for the other members.
+
+    Raises:
+        WeightGroupError: the other members did not join within ``timeout_s``.
+        ValueError: an unknown backend.
+    """
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout)
+        if backend == "gloo":
+            options = dist.ProcessGroupGloo._Options()
+            options._timeout = timeout
+            options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+            return dist.ProcessGroupGloo(store, rank, world_size, options)
+        if backend == "nccl":
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            return dist.ProcessGroupNCCL(store, rank, world_size, options)
+    except (RuntimeError, dist.DistStoreError) as err:
+        raise WeightGroupError(
+            f"weight group {host}:{port} (rank {rank} of {world_size}, {backend}) could not form within "
+            f"{timeout_s} s: {err}"
+        ) from err
+    raise ValueError(f"backend={backend!r} must be 'gloo' or 'nccl'")
+
+
+def _broadcast(group: Any, tensor: torch.Tensor) -> None:
+    options = dist.BroadcastOptions()
+    options.rootRank = 0
+    group.broadcast([tensor], options).wait()
+
+
+def _send_header(group: Any, meta_len: int, num_bytes: int, device: torch.device) -> None:
+    _broadcast(group, torch.tensor([meta_len, num_bytes], dtype=torch.int64, device=device))
+
+
+def broadcast_buckets(group: Any, buckets: Iterable[Mapping[str, torch.Tensor]], *, device: torch.device | str) -> int:
+    """Send buckets from rank 0 of ``group``; returns the tensors sent.
+
+    Protocol, per bucket: a header ``int64 [meta_len, num_bytes]``; ``meta_len`` bytes of UTF-8 JSON
+    ``[[name, dtype, shape], ...]``; one flat ``uint8`` buffer of ``num_bytes`` holding the tensors' bytes
+    back to back, in the order of the metadata. The stream ends with the header ``[0, 0]``; a sender that
+    fails while producing a bucket sends ``[-1, 0]`` (the receivers raise) and re-raises its error.
+    All messages live on ``device`` (CUDA for NCCL).
+    """
+    device = torch.device(device)
+    num_sent = 0
+    try:
+        for bucket in buckets:
+            tensors = [t.detach().to(device).contiguous() for t in bucket.values()]
+            names = list(bucket)
+            meta = [
+                [name, str(t.dtype).removeprefix("torch."), list(t.shape)]
+                for name, t in zip(names, tensors, strict=True)
+            ]
+            meta_bytes = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8).to(device)
+            flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors])
+            _send_header(group, meta_bytes.numel(), flat.numel(), device)
+            _broadcast(group, meta_bytes)
+            _broadcast(group, flat)
+            num_sent += len(tensors)
+    except BaseException:
+        _send_header(group, _ABORT, 0, device)
+        raise
+    _send_header(group, _END, 0, device)
+    return num_sent
+
+
+def receive_buckets(group: Any, *, device: torch.device | str) -> Iterator[dict[str, torch.Tensor]]:
+    """Receive the buckets of :func:`broadcast_buckets` (on a rank > 0); each is ``{name: tensor}`` on ``device``.
+
+    The tensors of a bucket are views into one received buffer.
+
+    Raises:
+        WeightGroupError: the sender aborted, or a message did not arrive within the group's timeout.
+    """
+    device = torch.device(device)
+    while True:
+        header = torch.empty(2, dtype=torch.int64, device=device)
+        _receive(group, header)
+        meta_len, num_bytes = header.tolist()
+        if meta_len == _END:
+            return
+        if meta_len == _ABORT:
+            raise WeightGroupError("the weight sender aborted the stream (its own error is raised on its side)")
+        meta_bytes = torch.empty(meta_len, dtype=torch.uint8, device=device)
+        _receive(group, meta_bytes)
+        meta = json.loads(bytes(meta_bytes.cpu().tolist()).decode())
+        flat = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+        _receive(group, flat)
+        bucket, offset = {}, 0
+        for name, dtype, shape in meta:
+            dtype = getattr(torch, dtype)
+            size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            bucket[name] = flat[offset : offset + size].view(dtype).view(shape)
+            offset += size
+        yield bucket
+
+
+def _receive(group: Any, tensor: torch.Tensor) -> None:
+    try:
+        _broadcast(group, tensor)
+    except RuntimeError as err:
+        raise WeightGroupError(f"weight broadcast failed or timed out while receiving: {err}") from err
+
+
+def load_received_buckets(engine: Any, group: Any, *, device: torch.device | str) -> int:
+    """Receive a bucket stream into ``engine``; returns the tensors loaded.
+
+    Uses ``engine.load_weight_buckets`` when the engine has it, else ``engine.update_weights`` per bucket. If
+    loading fails (a name or shape the engine does not have), the rest of the stream is still received and
+    dropped, so the sender finishes and the group stays usable; then the loading error is raised.
+    """
+    stream = receive_buckets(group, device=device)
+    try:
+        if hasattr(engine, "load_weight_buckets"):
+            return engine.load_weight_buckets(stream)
+        num_loaded = 0
+        for bucket in stream:
+            engine.update_weights(bucket)
+            num_loaded += len(bucket)
+        return num_loaded
+    except WeightGroupError:
+        raise
+    except BaseException:
+        for _ in stream:  # drain: the sender is still broadcasting
+            pass
+        raise
+
+
 def _abort_watcher(engine, abort_event, stop: threading.Event) -> None:
     while not stop.is_set():
         if abort_event.wait(timeout=0.05):
@@ -79,6 +246,7 @@ def _serve(conn, factory: str, factory_kwargs: dict[str, Any], abort_event) -> N
         conn.send(("error", _pack_error(err)))
         return
     conn.send(("ok", None))
+    weight_group: dict[str, Any] = {}
     stop = threading.Event()
     threading.Thread(target=_abort_watcher, args=(engine, abort_event, stop), daemon=True).start()
     try:
@@ -95,6 +263,17 @@ def _serve(conn, factory: str, factory_kwargs: dict[str, Any], abort_event) -> N
                     result = engine.update_weights(args[0])
                 elif method == "health":
                     result = bool(engine.health())
+                elif method == "init_weight_group":
+                    host, port, backend, device, timeout_s = args
+                    if backend == "nccl":
+                        torch.cuda.set_device(torch.device(device))
+                    group = new_weight_group(host=host, port=port, rank=1, backend=backend, timeout_s=timeout_s)
+                    weight_group.update(group=group, device=device)
+                    result = None
+                elif method == "receive_weights":
+                    if not weight_group:
+                        raise WeightGroupError("receive_weights before init_weight_group")
+                    result = load_received_buckets(engine, weight_group["group"], device=weight_group["device"])
                 else:
                     raise ValueError(f"unknown method {method!r}")
             except BaseException as err:
@@ -126,6 +305,8 @@ class ProcessEngine:
         # Replies still owed by the child for calls that timed out in the parent; they arrive in order
         # before the reply to the next call and are dropped, so the pipe never answers the wrong call.
         self._num_stale_replies = 0
+        self._weight_group: Any = None
+        self._weight_device = torch.device("cpu")
         self.process = ctx.Process(
             target=_serve, args=(child_conn, factory, dict(factory_kwargs or {}), self._abort_event), daemon=True
         )
@@ -157,6 +338,64 @@ class ProcessEngine:
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Send tensors to the child (shared memory / CUDA IPC) and copy them into its engine."""
         self._call("update_weights", ({k: v.detach() for k, v in state_dict.items()},))
+
+    def init_weight_group(
+        self,
+        *,
+        backend: str = "gloo",
+        device: torch.device | str = "cpu",
+        engine_device: torch.device | str | None = None,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        timeout_s: float = 300,
+    ) -> None:
+        """Join this process (rank 0, the sender) and the engine process (rank 1) in a weight broadcast group.
+
+        Args:
+            backend: ``"nccl"`` between GPUs, ``"gloo"`` on CPU.
+            device: where this side's messages live (this process's GPU for NCCL).
+            engine_device: where the engine receives (default ``device``); its GPU for NCCL.
+            host, port: the group's store address (default a free port on this host).
+            timeout_s: how long joining and every broadcast may wait.
+
+        Raises:
+            WeightGroupError: the group did not form in time.
+        """
+        port = port or free_port(host)
+        engine_device = str(engine_device or device)
+        with self._lock:
+            self._conn.send(("init_weight_group", (host, port, backend, engine_device, timeout_s)))
+            try:
+                group = new_weight_group(host=host, port=port, rank=0, backend=backend, timeout_s=timeout_s)
+            finally:
+                self._receive(timeout_s=timeout_s + 30, what="init_weight_group")
+        self._weight_group, self._weight_device = group, torch.device(device)
+
+    def update_weights_by_broadcast(
+        self, buckets: Iterable[Mapping[str, torch.Tensor]], *, timeout_s: float | None = None
+    ) -> int:
+        """Broadcast weight buckets to the engine process, which loads each as it arrives; returns the count.
+
+        Needs :meth:`init_weight_group` first. Errors in the engine (an unknown name, a shape mismatch naming
+        the tensor) are raised here after the stream ends; the group stays usable.
+        """
+        if getattr(self, "_weight_group", None) is None:
+            raise ProcessEngineError("update_weights_by_broadcast needs init_weight_group() first")
+        with self._lock:
+            if not self.process.is_alive():
+                raise ProcessEngineError(
+                    f"engine process exited (code {self.process.exitcode}) before receiving weights"
+                )
+            self._conn.send(("receive_weights", ()))
+            try:
+                broadcast_buckets(self._weight_group, buckets, device=self._weight_device)
+            except BaseException:
+                try:  # the engine raised on the abort header; collect that reply so the pipe stays in step
+                    self._receive(timeout_s=timeout_s or 60, what="receive_weights")
+                except Exception:
+                    pass
+                raise
+            return self._receive(timeout_s=timeout_s, what="receive_weights")
 
     def abort(self) -> None:
         """Ask the child's engine to abort its running ``generate`` (works while the pipe is busy)."""
