@@ -8,9 +8,10 @@ and padded ``[S, B]`` input through causal SDPA. Weights are converted in memory
 ``[gate; up]``) are the same table the checkpoint converter uses.
 
 Supported: Qwen3 dense (``model_type="qwen3"``) and Qwen3-MoE with every layer sparse
-(``model_type="qwen3_moe"``, ``SequentialMLP`` experts, no load-balancing loss); TP = PP = EP = 1
-(single process, the model-parallel groups of size one). megatron-core is imported inside the
-functions (``pip install "rlkit[megatron]"``).
+(``model_type="qwen3_moe"``, ``SequentialMLP`` experts, no load-balancing loss), under any TP (with or
+without sequence parallelism), PP, CP, EP and DP layout that megatron-core accepts: every rank builds
+its own part (:func:`build_gpt_model`) after :func:`init_model_parallel` created the groups.
+megatron-core is imported inside the functions (``pip install "rlkit[megatron]"``).
 """
 
 from __future__ import annotations
@@ -138,37 +139,142 @@ def _moe_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def init_model_parallel(*, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1) -> None:
+class SequenceParallelRMSNorm(torch.nn.Module):
+    """RMSNorm usable under megatron sequence parallelism (the local spec's torch norm refuses SP).
+
+    ``y = w * x / sqrt(mean(x^2) + eps)`` in float32, cast back (as HF Qwen3's ``Qwen3RMSNorm``). Under SP
+    each TP rank normalises its own tokens, so ``w``'s gradient is partial; ``w.sequence_parallel = True``
+    makes :func:`rlkit.parallel.megatron.distributed.finalize_grads` sum it over TP (megatron's rule).
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused_norm_options: Any):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.weight.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def _layer_spec(config):
+    """The layer spec of :func:`gpt_layer_spec`; under SP every norm is :class:`SequenceParallelRMSNorm`."""
+    if not config.sequence_parallel:
+        return gpt_layer_spec(num_experts=config.num_moe_experts)
+    import inspect
+
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    # spec.py's fused RMSNorm (when it has one) does not shard over the sequence: stock modules under SP.
+    options = {"fused": False} if "fused" in inspect.signature(gpt_layer_spec).parameters else {}
+    spec = gpt_layer_spec(num_experts=config.num_moe_experts, **options)
+    spec.submodules.input_layernorm = SequenceParallelRMSNorm
+    spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+    attention = spec.submodules.self_attention.submodules
+    attention.q_layernorm = attention.k_layernorm = SequenceParallelRMSNorm
+    return TransformerBlockSubmodules(
+        layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=SequenceParallelRMSNorm
+    )
+
+
+def init_model_parallel(
+    plan: Any = None,
+    *,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    context_parallel_size: int = 1,
+    expert_model_parallel_size: int = 1,
+    expert_tensor_parallel_size: int | None = None,
+    seed: int = 1234,
+) -> None:
     """Initialise ``torch.distributed`` (single process if not launched by torchrun) and megatron's groups.
 
-    On CPU the process group is gloo and the CUDA RNG tracker is left alone (see
-    :mod:`rlkit.parallel.megatron.cpu_patches`); on CUDA it is NCCL and the tracker is seeded.
+    The world is ``tp * cp * dp * pp`` ranks for attention and dense layers and ``etp * ep * edp * pp``
+    for the experts (megatron-core's order ``tp-cp-ep-dp-pp``); ``dp`` and ``edp`` follow from the world size.
+    On CPU the process group is gloo, the CUDA RNG tracker is left alone and megatron-core's CUDA-only
+    allocations are redirected (:mod:`rlkit.parallel.megatron.distributed`); on CUDA it is NCCL, one GPU per
+    ``LOCAL_RANK``, and the tracker is seeded.
+
+    Args:
+        plan: a :class:`rlkit.parallel.plan.ParallelPlan` (its ``tp``, ``pp``, ``cp``, ``ep``, ``expert_tp``);
+            give either a plan or the sizes below.
+        tensor_model_parallel_size: TP.
+        pipeline_model_parallel_size: PP.
+        context_parallel_size: CP.
+        expert_model_parallel_size: EP.
+        expert_tensor_parallel_size: expert TP (``None``: equal to TP, megatron's default).
+        seed: model-parallel CUDA RNG seed.
+
+    Raises:
+        ValueError: if the sizes do not divide the world, or megatron's groups already exist with other sizes.
     """
     import torch.distributed as dist
 
     core = _megatron("initialising model parallelism")
     from megatron.core import parallel_state
 
+    sizes = dict(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
+    )
+    if plan is not None:
+        if any(v not in (1, None) for v in sizes.values()):
+            raise ValueError("give either plan= or the *_parallel_size arguments, not both")
+        if plan.vpp is not None:
+            raise ValueError(f"plan.vpp={plan.vpp}: virtual pipeline stages are not supported by rlkit's step yet")
+        sizes = dict(
+            tensor_model_parallel_size=plan.tp,
+            pipeline_model_parallel_size=plan.pp,
+            context_parallel_size=plan.cp,
+            expert_model_parallel_size=plan.ep,
+            expert_tensor_parallel_size=plan.expert_tp,
+        )
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if "RANK" in os.environ:
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             dist.init_process_group(backend)
         else:
             store = os.path.join(tempfile.mkdtemp(prefix="rlkit-megatron-"), "store")
             dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tensor_model_parallel_size,
-            pipeline_model_parallel_size=pipeline_model_parallel_size,
+    world = dist.get_world_size()
+    tp, pp = sizes["tensor_model_parallel_size"], sizes["pipeline_model_parallel_size"]
+    cp, ep = sizes["context_parallel_size"], sizes["expert_model_parallel_size"]
+    etp = sizes["expert_tensor_parallel_size"] or tp
+    if world % (tp * cp * pp) or world % (etp * ep * pp):
+        raise ValueError(
+            f"world size {world} must be divisible by tp*cp*pp = {tp}*{cp}*{pp} and by etp*ep*pp = {etp}*{ep}*{pp}"
         )
+    if parallel_state.model_parallel_is_initialized():
+        have = (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_context_parallel_world_size(),
+            parallel_state.get_expert_model_parallel_world_size(),
+        )
+        if have != (tp, pp, cp, ep):
+            raise ValueError(
+                f"megatron's groups exist with (tp, pp, cp, ep) = {have}, asked for {(tp, pp, cp, ep)}; "
+                "call megatron.core.parallel_state.destroy_model_parallel() first"
+            )
+    else:
+        parallel_state.initialize_model_parallel(**sizes)
     if torch.cuda.is_available():
-        core.tensor_parallel.model_parallel_cuda_manual_seed(1234)
+        core.tensor_parallel.model_parallel_cuda_manual_seed(seed)
     else:
         from rlkit.parallel.megatron.cpu_patches import apply_cpu_patches
+        from rlkit.parallel.megatron.distributed import apply_cpu_distributed_patches
 
         apply_cpu_patches()
+        apply_cpu_distributed_patches()
 
 
 def build_gpt_model(
@@ -177,52 +283,108 @@ def build_gpt_model(
     hf_state_dict: Mapping[str, Tensor] | None = None,
     params_dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    sequence_parallel: bool = False,
     **config_overrides: Any,
 ):
-    """A megatron-core ``GPTModel`` (TP = PP = 1) equivalent to an HF Qwen3 / Qwen3-MoE model, optionally with weights.
+    """This rank's part of a megatron-core ``GPTModel`` equivalent to an HF Qwen3 / Qwen3-MoE model.
 
-    Call :func:`init_model_parallel` first.
+    Call :func:`init_model_parallel` first; the TP, PP, CP, EP and expert-TP sizes and this rank's
+    coordinates are read from megatron's parallel state. The model holds this rank's tensor-parallel
+    shards, its pipeline stage (``pre_process`` on the first stage, ``post_process`` on the last; the
+    decoder layers numbered from megatron's layer offset), and its ``num_experts / ep`` local experts.
+    With tied embeddings and PP > 1, the last stage holds megatron's copy of the embedding as its output
+    layer (kept equal by summing its gradient over the embedding group, see
+    :func:`rlkit.parallel.megatron.distributed.finalize_grads`).
 
     Args:
         hf_config: HF config object or dict.
         hf_state_dict: HF tensors by name (checkpoint names, or a transformers-5 ``model.state_dict()``
-            with fused experts, which the converter accepts as they are); converted with
-            :func:`rlkit.ckpt.convert.hf_to_megatron` and loaded strictly.
+            with fused experts); converted with :func:`rlkit.ckpt.convert.hf_to_megatron` under the
+            matching :class:`~rlkit.ckpt.convert.Layout`, and this rank's ``(pp, tp, ep)`` shard is
+            loaded strictly.
         params_dtype: parameter dtype.
         device: where the model lives.
+        sequence_parallel: megatron sequence parallelism (needs TP > 1; the packed stream is padded to a
+            multiple of ``cp * tp`` tokens by the step).
         **config_overrides: passed to :func:`transformer_config_from_hf`.
 
     Returns:
-        The ``GPTModel``; its output layer covers the padded vocabulary (``make_vocab_size_divisible_by`` 128).
+        The ``GPTModel``; its output layer covers this TP rank's ``V' / tp`` columns of the padded vocabulary
+        ``V'`` (``make_vocab_size_divisible_by`` 128 times ``tp``). ``calculate_per_token_loss`` is on: rlkit's
+        losses carry the global normalizer, so megatron's schedules must not rescale them.
     """
+    from megatron.core import parallel_state
+
     from rlkit.ckpt.convert import Layout, hf_to_megatron, padded_vocab_size
 
     gpt = require("megatron.core.models.gpt", purpose="building a megatron-core GPTModel")
     from rlkit.parallel.megatron.cpu_patches import apply_cpu_patches, define_missing_te_names
 
+    if not parallel_state.model_parallel_is_initialized():
+        raise ValueError("megatron's parallel groups are not initialised: call init_model_parallel() first")
     define_missing_te_names()
-    if torch.device(device).type == "cpu" or not torch.cuda.is_available():
+    on_cpu = torch.device(device).type == "cpu" or not torch.cuda.is_available()
+    if on_cpu:
+        from rlkit.parallel.megatron.distributed import apply_cpu_distributed_patches
+
         apply_cpu_patches()
+        apply_cpu_distributed_patches()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    etp = parallel_state.get_expert_tensor_parallel_world_size()
+    if sequence_parallel and tp == 1:
+        raise ValueError("sequence_parallel=True needs tensor parallelism (tp > 1); init_model_parallel with tp >= 2")
     cfg = hf_config_dict(hf_config)
-    config = transformer_config_from_hf(cfg, params_dtype=params_dtype, **config_overrides)
+    is_moe = cfg.get("model_type") == "qwen3_moe"
+    parallel = dict(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=parallel_state.get_context_parallel_world_size(),
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+        sequence_parallel=sequence_parallel,
+        # THD micro-batches differ in length: the pipeline schedule sends each activation's shape first.
+        # megatron refuses that with the allgather MoE dispatcher, so MoE under PP pads every micro-batch of
+        # the step to one length instead (the step reads config.variable_seq_lengths).
+        variable_seq_lengths=pp > 1 and not is_moe,
+        pipeline_dtype=params_dtype if pp > 1 else None,
+        calculate_per_token_loss=True,
+    )
+    if pp > 1 and not is_moe:
+        # Unused by a dense model, but megatron validates variable_seq_lengths against the dispatcher type.
+        parallel["moe_token_dispatcher_type"] = "alltoall"
+    parallel.update(config_overrides)
+    config = transformer_config_from_hf(cfg, params_dtype=params_dtype, **parallel)
+    if config.num_moe_experts is None and ep > 1:
+        raise ValueError(f"expert_model_parallel_size={ep} needs a MoE model; {cfg['model_type']} has no experts")
+    layout = Layout(tp=tp, pp=pp, ep=ep, etp=etp)
     model = gpt.GPTModel(
         config=config,
-        transformer_layer_spec=gpt_layer_spec(num_experts=config.num_moe_experts),
-        vocab_size=padded_vocab_size(cfg["vocab_size"], Layout()),
+        transformer_layer_spec=_layer_spec(config),
+        vocab_size=padded_vocab_size(cfg["vocab_size"], layout),
         max_sequence_length=cfg["max_position_embeddings"],
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
         position_embedding_type="rope",
         rotary_base=_rope_theta(cfg),
         share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", False)),
     )
     if hf_state_dict is not None:
-        shards = hf_to_megatron(hf_state_dict, cfg)
-        state = {k: v.to(params_dtype) for k, v in shards[(0, 0, 0)].items()}
+        shards = hf_to_megatron(hf_state_dict, cfg, layout=layout)
+        rank = (
+            parallel_state.get_pipeline_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_expert_model_parallel_rank(),
+        )
+        state = {k: v.to(params_dtype) for k, v in shards[rank].items()}
         missing, unexpected = model.load_state_dict(state, strict=False)
         # Megatron registers TE-style `_extra_state` buffers; they are not weights.
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
             raise ValueError(
-                f"HF -> megatron weights do not match the model: missing {missing}, unexpected {unexpected}"
+                f"HF -> megatron weights of rank (pp, tp, ep) = {rank} do not match the model: missing {missing}, "
+                f"unexpected {unexpected}"
             )
     model = model.to(device)
     # inv_freq is a plain attribute (not a buffer) that .to() leaves behind; place it with the weights.
