@@ -260,3 +260,25 @@ def _port() -> int:
     from rlkit.rollout.engines.process import free_port
 
     return free_port()
+
+
+# --- GPU ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_colocated_on_cuda_bit_exact_and_compiled_fp8_within_bound():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    source = build_tiny_qwen3(seed=4, hidden_size=192, intermediate_size=160, head_dim=48).eval().cuda()
+    model = build_gpt_model(source.config, hf_state_dict=source.state_dict(), device="cuda")
+    engine = EmbeddedEngine(build_tiny_qwen3(seed=5, hidden_size=192, intermediate_size=160, head_dim=48).cuda())
+    sync_colocated(model, engine, source.config, config=WeightSyncConfig(bucket_bytes=100_000))
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(engine.model.state_dict()[name], tensor), name
+    sync_colocated(model, engine, source.config, config=WeightSyncConfig(fp8="roundtrip", fp8_compile=True))
+    for name, w in source.state_dict().items():
+        got = engine.model.state_dict()[name]
+        if name.endswith("_proj.weight"):
+            assert ((got.double() - w.double()).abs() <= _fp8_bound(w)).all(), name
+        else:
+            assert torch.equal(got, w), name
