@@ -4,32 +4,44 @@ Qwen3-1.7B shape (random init, bf16 weights, fused AdamW on the bf16 parameters,
 synthetic RL batch (48 samples, prompts 64-256, responses 128-2048 tokens, uniform), dynamic micro-batches from
 ``DataPacker(max_tokens_per_gpu=...)``; the same micro-batches go to every path:
 
-* ``megatron_thd``: megatron-core GPTModel, local spec, THD packing with PyTorch varlen attention;
-* ``megatron_padded``: the same model on right-padded ``[B, S]`` rows (causal SDPA);
+* ``megatron_thd``: megatron-core GPTModel, rlkit's fused local spec (``spec.gpt_layer_spec()``: fused
+  RMSNorm / SwiGLU / RoPE kernels), THD packing with PyTorch varlen attention;
+* ``megatron_thd_stock``: the same with megatron-core's stock local modules (``gpt_layer_spec(fused=False)``),
+  the baseline the fusion is measured against;
+* ``megatron_padded``: the fused model on right-padded ``[B, S]`` rows (causal SDPA);
 * ``hf_padded``: HF transformers ``Qwen3ForCausalLM`` (sdpa) on the same padded rows.
 
 tokens/s counts real tokens (padding excluded); MFU = model FLOPs (``megatron_common.train_flops``:
 matmuls + causal attention, forward + backward) / step time / dense BF16 peak. One warm-up step, then
 the median of ``--steps`` timed steps (each: packing, forward, log-probs, loss, backward, grad norm,
-clip, AdamW). ``--configs`` pairs a budget with activation recompute (``none``, or ``full``: megatron's
-full/uniform/1-layer recompute and HF's gradient checkpointing; recompute FLOPs are not counted in MFU).
+clip, AdamW). ``--configs`` pairs a budget with activation recompute: ``none``; ``full`` (megatron's
+full/uniform/1-layer recompute, HF's gradient checkpointing); or ``blockN`` (megatron recomputes the
+first ``N`` layers of the stack, full/block/N; HF has no partial form and checkpoints every layer).
+Recompute FLOPs are not counted in MFU. ``--profile PREFIX`` writes a kernel table of one step of each
+megatron THD path to ``PREFIX.<path>.txt``; ``--out`` writes every row as JSON.
 
-Command (one GPU): ``PYTHONPATH=src python benchmarks/megatron_step.py --configs 8192:none 8192:full 16384:full``
+Command (one GPU): ``PYTHONPATH=src python benchmarks/megatron_step.py --configs 8192:none 16384:block12``
+CPU smoke run: ``PYTHONPATH=src python benchmarks/megatron_step.py --shape tiny --device cpu --num-samples 4``
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import statistics
 import time
 import warnings
+from unittest import mock
 
 import torch
 from megatron_common import peak_bf16_flops, random_hf_model, rl_batch, train_flops
 
 from rlkit.algos.losses import PolicyLossConfig
+from rlkit.parallel.megatron import model as megatron_model
 from rlkit.parallel.megatron.model import build_gpt_model, init_model_parallel
+from rlkit.parallel.megatron.spec import gpt_layer_spec
 from rlkit.parallel.megatron.step import hf_forward, megatron_forward, train_step
 from rlkit.parallel.packing import DataPacker
 
@@ -79,26 +91,50 @@ def _profile_one_step(model, forward, batch, *, layout: str, budget: int) -> str
         train_step(model, optimizer, batch, forward=forward, layout=layout, **kwargs)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6
-    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=22, max_name_column_width=60)
-    return f"profiled step wall {wall:.3f} s (profiler on), GPU kernel time {busy:.3f} s ({busy / wall:.0%})\n{table}"
+    # Host-device synchronisations stall the launch queue: count them (cudaStreamSynchronize and friends,
+    # and the D2H copies behind .item() / .tolist()).
+    syncs = sum(1 for e in events if "Synchronize" in e.name)
+    d2h = sum(1 for e in events if e.name == "Memcpy DtoH (Device -> Pageable)" or "DtoH" in e.name)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
+    return (
+        f"profiled step wall {wall:.3f} s (profiler on), GPU kernel time {busy:.3f} s ({busy / wall:.0%}), "
+        f"{len(kernels)} kernels, {syncs} synchronize calls, {d2h} device-to-host copies\n{table}"
+    )
+
+
+def _recompute_overrides(recompute: str) -> dict:
+    if recompute == "none":
+        return {}
+    if recompute == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if recompute.startswith("block") and recompute[5:].isdigit():
+        return dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=int(recompute[5:]))
+    raise ValueError(f"recompute={recompute!r}: use none, full or blockN (N layers recomputed)")
 
 
 def _build(path: str, hf, *, recompute: str, device: str):
     if path == "hf_padded":
-        if recompute == "full":
+        if recompute != "none":
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
             hf.gradient_checkpointing_disable()
         return hf, hf_forward(hf), "bshd"
-    overrides = {}
-    if recompute == "full":
-        overrides = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    model = build_gpt_model(
-        hf.config, hf_state_dict=hf.state_dict(), params_dtype=torch.bfloat16, device=device, **overrides
-    )
-    return model, megatron_forward(model), "thd" if path == "megatron_thd" else "bshd"
+    if path not in ("megatron_thd", "megatron_thd_stock", "megatron_padded"):
+        raise ValueError(f"unknown path {path!r}")
+    # build_gpt_model takes no spec argument: the stock baseline swaps the spec it calls for megatron's own modules.
+    stock = mock.patch.object(megatron_model, "gpt_layer_spec", functools.partial(gpt_layer_spec, fused=False))
+    with stock if path == "megatron_thd_stock" else contextlib.nullcontext():
+        model = build_gpt_model(
+            hf.config,
+            hf_state_dict=hf.state_dict(),
+            params_dtype=torch.bfloat16,
+            device=device,
+            **_recompute_overrides(recompute),
+        )
+    return model, megatron_forward(model), "bshd" if path == "megatron_padded" else "thd"
 
 
 def main() -> None:
@@ -107,15 +143,20 @@ def main() -> None:
     parser.add_argument(
         "--configs",
         nargs="+",
-        default=["8192:none", "8192:full", "16384:full"],
-        help="max_tokens_per_gpu:recompute pairs; recompute is none or full (megatron full/uniform/1 layer, "
-        "HF gradient checkpointing)",
+        default=["8192:none", "16384:block12"],
+        help="max_tokens_per_gpu:recompute pairs; recompute is none, full (megatron full/uniform/1 layer, "
+        "HF gradient checkpointing) or blockN (megatron recomputes N layers; HF checkpoints all)",
     )
     parser.add_argument("--num-samples", type=int, default=48)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--device", default="cuda", help="cpu for a smoke run with --shape tiny")
-    parser.add_argument("--paths", nargs="+", default=["megatron_thd", "megatron_padded", "hf_padded"])
-    parser.add_argument("--profile", default="", help="write a kernel table of one megatron_thd step here")
+    parser.add_argument(
+        "--paths", nargs="+", default=["megatron_thd_stock", "megatron_thd", "megatron_padded", "hf_padded"]
+    )
+    parser.add_argument(
+        "--profile", default="", help="write a kernel table of one step of each megatron THD path to PREFIX.<path>.txt"
+    )
+    parser.add_argument("--out", default="", help="write the rows as JSON here")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     init_model_parallel()
@@ -131,16 +172,18 @@ def main() -> None:
     # Megatron paths first: they copy the HF weights, which the HF path then trains in place.
     hf = random_hf_model(args.shape, dtype=torch.bfloat16, seed=0, device=args.device)
     configs = [(int(b), r) for b, r in (c.split(":") for c in args.configs)]
-    if args.profile:
-        model, forward, layout = _build("megatron_thd", hf, recompute=configs[0][1], device=args.device)
-        try:
-            report = _profile_one_step(model, forward, batch, layout=layout, budget=configs[0][0])
-        except Exception as exc:  # the profile is a diagnostic; never lose the timings to it
-            report = f"profiling failed: {exc!r}"
-        with open(args.profile, "w") as f:
-            f.write(report)
-        del model, forward
-        torch.cuda.empty_cache()
+    if args.profile and args.device == "cuda":
+        for path in [p for p in args.paths if p.startswith("megatron_thd")]:
+            try:
+                model, forward, layout = _build(path, hf, recompute=configs[0][1], device=args.device)
+                report = _profile_one_step(model, forward, batch, layout=layout, budget=configs[0][0])
+                del model, forward
+            except Exception as exc:  # the profile is a diagnostic; never lose the timings to it
+                report = f"profiling failed: {exc!r}"
+            with open(f"{args.profile}.{path}.txt", "w") as f:
+                f.write(report)
+            print(f"{path}: {report.splitlines()[0]}", flush=True)
+            torch.cuda.empty_cache()
     rows = []
     for path in args.paths:
         for budget, recompute in configs:
@@ -161,6 +204,8 @@ def main() -> None:
                 )
             except torch.OutOfMemoryError:
                 row = dict(path=path, max_tokens_per_gpu=budget, recompute=recompute, error="CUDA OOM")
+            except Exception as exc:  # one failing path must not cost the others' timings
+                row = dict(path=path, max_tokens_per_gpu=budget, recompute=recompute, error=repr(exc)[:300])
             rows.append(row)
             print(json.dumps(row), flush=True)
             del model, forward
@@ -172,9 +217,13 @@ def main() -> None:
             for r in rows
             if r["max_tokens_per_gpu"] == budget and r["recompute"] == recompute and "tokens_per_s" in r
         }
-        if "megatron_thd" in by and "hf_padded" in by:
-            speedup = by["megatron_thd"]["tokens_per_s"] / by["hf_padded"]["tokens_per_s"]
-            print(f"budget {budget} recompute {recompute}: megatron_thd / hf_padded tokens/s = {speedup:.2f}x")
+        for path in ("megatron_thd", "megatron_thd_stock"):
+            if path in by and "hf_padded" in by:
+                speedup = by[path]["tokens_per_s"] / by["hf_padded"]["tokens_per_s"]
+                print(f"budget {budget} recompute {recompute}: {path} / hf_padded tokens/s = {speedup:.2f}x")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=device, torch=torch.__version__, shape=args.shape, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
