@@ -22,6 +22,7 @@ from rlkit.parallel.megatron.context_parallel import (
     context_parallel_attention,
     cp_attention_plan,
     cp_local_attention,
+    cp_local_positions,
 )
 
 # Sequences of different lengths (multiples of 2 cp), an empty one, and GQA 6 query heads over 2 kv heads.
@@ -63,6 +64,16 @@ def test_plan_selects_each_chunks_key_prefix():
         assert plan.cu_seqlens_k.diff().tolist() == prefix_lengths[rank]
         assert plan.cu_seqlens_q.diff().tolist() == [2, 2, 1, 1, 3, 3]  # the rank's two chunks per sequence
         assert plan.max_seqlen_q == 3 and plan.max_seqlen_k == (2 * cp_size - rank) * 3
+
+
+@pytest.mark.parametrize("cp_size", [1, 2, 3])
+def test_local_positions_are_the_original_positions(cp_size):
+    lengths = [2 * cp_size * c for c in CHUNKS]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    position = torch.cat([torch.arange(n) for n in lengths])  # position within its sequence, unsplit
+    for rank in range(cp_size):
+        got = cp_local_positions(cu, cp_size=cp_size, cp_rank=rank, num_local_tokens=sum(lengths) // cp_size)
+        assert got.tolist() == position[cp_token_indices(cu, cp_size=cp_size, cp_rank=rank)].tolist()
 
 
 @pytest.mark.parametrize("cp_size", [2, 3])
@@ -212,6 +223,8 @@ def test_cp_plan_does_not_synchronise_the_gpu():
     torch.cuda.set_sync_debug_mode("error")
     try:
         plan = cp_attention_plan(cu, cp_size=2, cp_rank=1, num_tokens=24, max_seqlen=12)
+        positions = cp_local_positions(cu, cp_size=2, cp_rank=1, num_local_tokens=12)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert plan.kv_index.is_cuda and plan.cu_seqlens_k.diff().tolist() == [4, 6, 2, 3, 6, 9]
+    assert positions.tolist() == [2, 3, 4, 5, 1, 2, 3, 4, 5, 6, 7, 8]  # chunks 1 and 2 of each sequence

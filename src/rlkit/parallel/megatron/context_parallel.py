@@ -146,6 +146,34 @@ def cp_attention_plan(
     )
 
 
+def cp_local_positions(cu_seqlens: Tensor, *, cp_size: int, cp_rank: int, num_local_tokens: int) -> Tensor:
+    """Position within its sequence of each local token of CP rank ``cp_rank`` (for rotary embeddings).
+
+    The local stream holds, per sequence (``c`` tokens per chunk), chunk ``i`` then chunk ``2cp-1-i``;
+    local offset ``o`` maps to position ``i c + o`` when ``o < c``, else ``(2cp-1-i) c + o - c``. Equal
+    to ``cp_token_indices(...) - cu_seqlens[seq]``, computed on the device of ``cu_seqlens`` without a
+    host synchronisation (megatron-core's unfused THD RoPE reads ``cu_seqlens`` back per layer).
+
+    Args:
+        cu_seqlens: ``[N + 1]`` cumulative lengths of the FULL micro-batch, each a multiple of ``2 cp``.
+        cp_size: context-parallel size.
+        cp_rank: this rank.
+        num_local_tokens: ``T / cp``.
+
+    Returns:
+        ``[T / cp]`` int64 positions.
+    """
+    cu = cu_seqlens.to(torch.long)
+    local_starts = cu // cp_size
+    slots = torch.arange(num_local_tokens, device=cu.device)
+    # The last local start <= slot: empty sequences share their start with the next one and are skipped.
+    seq = torch.searchsorted(local_starts, slots, right=True) - 1
+    offset = slots - local_starts[seq]
+    chunk = (cu[1:] - cu[:-1])[seq] // (2 * cp_size)
+    late = offset >= chunk
+    return torch.where(late, (2 * cp_size - 1 - cp_rank) * chunk + offset - chunk, cp_rank * chunk + offset)
+
+
 def cp_local_attention(
     query: Tensor,
     gathered_key: Tensor,
