@@ -313,11 +313,11 @@ def build_gpt_model(
         ``V'`` (``make_vocab_size_divisible_by`` 128 times ``tp``). ``calculate_per_token_loss`` is on: rlkit's
         losses carry the global normalizer, so megatron's schedules must not rescale them.
     """
-    from megatron.core import parallel_state
-
     from rlkit.ckpt.convert import Layout, hf_to_megatron, padded_vocab_size
 
     gpt = require("megatron.core.models.gpt", purpose="building a megatron-core GPTModel")
+    from megatron.core import parallel_state
+
     from rlkit.parallel.megatron.cpu_patches import apply_cpu_patches, define_missing_te_names
 
     if not parallel_state.model_parallel_is_initialized():
@@ -370,6 +370,7 @@ def build_gpt_model(
         rotary_base=_rope_theta(cfg),
         share_embeddings_and_output_weights=bool(cfg.get("tie_word_embeddings", False)),
     )
+    _mark_tensor_parallel_weights(model)
     if hf_state_dict is not None:
         shards = hf_to_megatron(hf_state_dict, cfg, layout=layout)
         rank = (
@@ -390,3 +391,24 @@ def build_gpt_model(
     # inv_freq is a plain attribute (not a buffer) that .to() leaves behind; place it with the weights.
     model.rotary_pos_emb.inv_freq = model.rotary_pos_emb.inv_freq.to(device)
     return model
+
+
+def _mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """Set megatron's ``tensor_model_parallel`` / ``partition_dim`` attributes on the TP-split weights.
+
+    megatron-core sets them inside its weight initialisation, which ``perform_initialization=False`` skips;
+    without them every TP rank's weight looks like a replica to ``param_is_not_tensor_parallel_duplicate``
+    (the gradient norm and megatron's optimizers would count only TP rank 0's shard).
+    """
+    from megatron.core import tensor_parallel
+
+    split_dims = (
+        (tensor_parallel.VocabParallelEmbedding, 0),
+        (tensor_parallel.ColumnParallelLinear, 0),
+        (tensor_parallel.RowParallelLinear, 1),
+    )
+    for module in model.modules():
+        for cls, dim in split_dims:
+            weight = getattr(module, "weight", None)
+            if isinstance(module, cls) and weight is not None and not hasattr(weight, "tensor_model_parallel"):
+                tensor_parallel.set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)

@@ -14,8 +14,23 @@ Because the normalizer is computed once for the global batch (``PackPlan.normali
 micro-batch losses gives the global loss whatever the split, so THD packing, padding and the HF
 reference all produce the same loss and gradient up to float rounding.
 
-Current scope: one process (TP = PP = CP = DP = 1), any ``torch.optim`` optimizer (megatron's
-distributed optimizer needs NCCL-side buffers and is not wired yet).
+Model parallelism (after :func:`rlkit.parallel.megatron.model.init_model_parallel` with any size > 1):
+
+* **DP**: rank ``d`` runs ``PackPlan.micro_batches[d]`` (``DataPacker(dp_size=D)`` balances the ranks);
+  every rank runs the same number of micro-batches (an empty one is a padding sequence with zero loss).
+* **CP**: each THD micro-batch is cut by :func:`rlkit.parallel.context.cp_shard` (chunks ``i`` and
+  ``2cp-1-i`` of every sequence); the model gets the local tokens and ``PackedSeqParams`` with the *full*
+  ``cu_seqlens``; the loss terms of the local tokens are this rank's share.
+* **TP**: the logits are vocab-parallel ``[T, V'/tp]``; log-probs and entropy come from
+  :func:`rlkit.algos.logprobs.vocab_parallel_logprobs_and_entropy` over the TP group, with megatron's
+  vocabulary padding masked out. **SP**: the stream is padded to a multiple of ``cp * tp``.
+* **EP**: megatron's allgather dispatcher gathers equal-sized token blocks, so micro-batch ``j`` is padded
+  to its longest length over the DP ranks.
+* **PP**: megatron-core's pipeline schedule (``get_forward_backward_func()``, 1F1B) with
+  ``variable_seq_lengths`` (dense) or one padded length per step (MoE, whose allgather dispatcher
+  megatron refuses with variable lengths).
+* Gradients are summed over DP x CP (rlkit losses carry the global normalizer) and the norm counts each
+  parameter once: :mod:`rlkit.parallel.megatron.distributed`.
 
 Shape legend: ``N`` samples, ``R_i`` response tokens of sample ``i``, ``T`` packed tokens, ``B`` rows,
 ``S`` padded row length, ``V`` vocabulary.
@@ -30,9 +45,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from rlkit.algos.logprobs import IGNORE_INDEX, logprobs_and_entropy
+from rlkit.algos.logprobs import IGNORE_INDEX, logprobs_and_entropy, vocab_parallel_logprobs_and_entropy
 from rlkit.algos.losses import PolicyLossConfig, rl_loss
-from rlkit.parallel.layouts import PackedBatch, PaddedBatch, pack_bshd, pack_thd
+from rlkit.parallel.context import cp_shard
+from rlkit.parallel.layouts import PackedBatch, PaddedBatch, pack_bshd, pack_thd, padding_multiples
+from rlkit.parallel.megatron.distributed import ParallelContext
 from rlkit.parallel.packing import DataPacker, PackPlan
 
 MicroBatch = PackedBatch | PaddedBatch
@@ -98,8 +115,19 @@ class StepResult:
     num_tokens: int
 
 
-def build_micro_batch(batch: RLBatch, indices: Sequence[int], *, layout: Layout, pad_id: int = 0) -> MicroBatch:
-    """Pack the samples ``indices`` of ``batch`` as THD (``pack_thd``) or padded rows (``pack_bshd``)."""
+def build_micro_batch(
+    batch: RLBatch,
+    indices: Sequence[int],
+    *,
+    layout: Layout,
+    pad_id: int = 0,
+    seq_multiple: int = 1,
+    total_multiple: int = 1,
+) -> MicroBatch:
+    """Pack the samples ``indices`` of ``batch`` as THD (``pack_thd``) or padded rows (``pack_bshd``).
+
+    ``seq_multiple`` / ``total_multiple`` pad THD sequences and the stream (:func:`pack_thd`).
+    """
     tokens = [batch.tokens[i] for i in indices]
     responses = [int(batch.response_lengths[i]) for i in indices]
     masks = None if batch.loss_masks is None else [batch.loss_masks[i] for i in indices]
@@ -108,10 +136,61 @@ def build_micro_batch(batch: RLBatch, indices: Sequence[int], *, layout: Layout,
         "old_log_probs": [batch.old_log_probs[i].float() for i in indices],
     }
     if layout == "thd":
-        return pack_thd(tokens, responses, loss_masks=masks, values=values, sample_ids=list(indices), pad_id=pad_id)
+        return pack_thd(
+            tokens, responses, loss_masks=masks, values=values, sample_ids=list(indices), pad_id=pad_id,
+            seq_multiple=seq_multiple, total_multiple=total_multiple,
+        )  # fmt: skip
     if layout == "bshd":
         return pack_bshd(tokens, responses, loss_masks=masks, values=values, pad_id=pad_id)
     raise ValueError(f"layout={layout!r}: use 'thd' (packed) or 'bshd' (padded)")
+
+
+# Padded vocabulary columns get this logit: exp(fill - max) is exactly 0 in float32 and fill * 0 stays finite
+# (an -inf fill would make the entropy's p * z a NaN).
+_VOCAB_PADDING_LOGIT = -1e30
+
+
+def token_log_probs(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    vocab_size: int,
+    temperature: float = 1.0,
+    compute_entropy: bool = True,
+    tp_group: Any = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs (and entropy) of ``targets`` under ``logits``, unsharded or vocab-parallel.
+
+    Args:
+        logits: ``[..., V']`` with ``V' >= vocab_size`` (megatron's padded columns are dropped), or with
+            ``tp_group`` this TP rank's ``[..., V'/tp]`` slice, columns ``[r V'/tp, (r+1) V'/tp)``.
+        targets: ``[...]`` int64 target ids or ``IGNORE_INDEX``.
+        vocab_size: the real vocabulary size ``V``.
+        temperature: divides the logits.
+        compute_entropy: also return the entropy.
+        tp_group: the tensor-parallel group when the logits are vocab-parallel (size > 1), else ``None``.
+
+    Returns:
+        ``(log_probs [...], entropy [...] | None)`` float32, identical on every TP rank.
+    """
+    import torch.distributed as dist
+
+    if tp_group is None or dist.get_world_size(tp_group) == 1:
+        return logprobs_and_entropy(
+            logits[..., :vocab_size], targets, temperature=temperature, compute_entropy=compute_entropy
+        )
+    width = logits.shape[-1]
+    vocab_start = dist.get_rank(tp_group) * width
+    real = min(max(vocab_size - vocab_start, 0), width)
+    if real < width:
+        fill = max(_VOCAB_PADDING_LOGIT, torch.finfo(logits.dtype).min)
+        logits = logits.masked_fill(torch.arange(width, device=logits.device) >= real, fill)
+    shape = targets.shape
+    log_probs, entropy = vocab_parallel_logprobs_and_entropy(
+        logits.reshape(-1, width), targets.reshape(-1), vocab_start=vocab_start, group=tp_group,
+        temperature=temperature,
+    )  # fmt: skip
+    return log_probs.reshape(shape), entropy.reshape(shape) if compute_entropy else None
 
 
 def micro_batch_loss(
@@ -124,26 +203,30 @@ def micro_batch_loss(
     sample_loss_token_counts: Tensor,
     vocab_size: int,
     temperature: float = 1.0,
+    tp_group: Any = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """This micro-batch's share of the global RL loss.
 
     Args:
         logits: ``[T, V']`` (THD) or ``[B, S, V']`` (padded), prediction-aligned with ``micro.target_ids``;
-            ``V' >= vocab_size`` (megatron pads the vocabulary; padded columns are dropped).
-        micro: the packed micro-batch.
+            ``V' >= vocab_size`` (megatron pads the vocabulary; padded columns are dropped). With
+            ``tp_group``: this TP rank's ``[T, V'/tp]`` slice (see :func:`token_log_probs`).
+        micro: the packed micro-batch (under CP: this rank's tokens of it).
         indices: global sample index of each sample of ``micro`` (row order for padded input).
         loss_config: ``rl_loss`` hyper-parameters.
         normalizer: global normalizer of the step (``PackPlan.normalizer``).
         sample_loss_token_counts: ``[N]`` loss tokens of every sample of the global batch.
         vocab_size: the real vocabulary size ``V``.
         temperature: sampling temperature of the rollout.
+        tp_group: tensor-parallel group of vocab-parallel logits, else ``None``.
 
     Returns:
         ``(loss, metrics)`` from :func:`rlkit.algos.losses.rl_loss`.
     """
-    logits = logits[..., :vocab_size]
     targets = torch.where(micro.loss_mask.to(logits.device) != 0, micro.target_ids.to(logits.device), IGNORE_INDEX)
-    log_probs, entropy = logprobs_and_entropy(logits, targets, temperature=temperature)
+    log_probs, entropy = token_log_probs(
+        logits, targets, vocab_size=vocab_size, temperature=temperature, tp_group=tp_group
+    )
     device = log_probs.device
     if isinstance(micro, PackedBatch):
         sample_ids = micro.sample_ids
@@ -166,11 +249,15 @@ def micro_batch_loss(
 def megatron_forward(model: Any) -> ForwardFn:
     """A forward function for a megatron-core ``GPTModel``: THD via ``PackedSeqParams``, padded rows as ``[B, S]``.
 
-    Returns logits ``[T, V']`` for a :class:`PackedBatch` and ``[B, S, V']`` for a :class:`PaddedBatch`.
+    Returns logits ``[T, V']`` for a :class:`PackedBatch` and ``[B, S, V']`` for a :class:`PaddedBatch`
+    (``V'/tp`` columns under TP). On a pipeline stage without the output layer it returns the hidden
+    states ``[T, 1, H]`` for the next stage (megatron's schedule feeds the previous stage's output in
+    through ``set_input_tensor``). Under CP, ``micro`` holds this rank's tokens and the full ``cu_seqlens``.
     """
     from megatron.core.packed_seq_params import PackedSeqParams
 
     device = next(model.parameters()).device
+    last_stage = getattr(model, "post_process", True)
 
     def forward(micro: MicroBatch) -> Tensor:
         if isinstance(micro, PackedBatch):
@@ -180,7 +267,8 @@ def megatron_forward(model: Any) -> ForwardFn:
                 qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len
             )
             ids, pos = micro.input_ids[None].to(device), micro.position_ids[None].to(device)
-            return model(ids, pos, attention_mask=None, packed_seq_params=params)[0]
+            out = model(ids, pos, attention_mask=None, packed_seq_params=params)
+            return out[0] if last_stage else out
         return model(micro.input_ids.to(device), micro.position_ids.to(device), attention_mask=None)
 
     return forward
@@ -199,6 +287,125 @@ def hf_forward(model: Any) -> ForwardFn:
     return forward
 
 
+# ---- the micro-batches of this rank -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _RankMicroBatches:
+    """This rank's micro-batches: ``full`` packed streams, ``local`` (CP-sharded) views, sample indices."""
+
+    indices: list[list[int]]
+    full: list[MicroBatch]
+    local: list[MicroBatch]
+    seq_length: int
+
+
+def _check_packer(packer: DataPacker, ctx: ParallelContext, layout: Layout) -> None:
+    if packer.dp_size != ctx.dp_size or packer.cp_size != ctx.cp_size:
+        raise ValueError(
+            f"DataPacker(dp_size={packer.dp_size}, cp_size={packer.cp_size}) does not match megatron's groups "
+            f"(dp={ctx.dp_size}, cp={ctx.cp_size}); build the packer with the model's dp and cp sizes"
+        )
+    if ctx.is_parallel and layout != "thd":
+        raise ValueError(f"layout={layout!r}: model-parallel steps run packed THD micro-batches; use layout='thd'")
+
+
+def _stream_length(lengths: Sequence[int], seq_multiple: int, total_multiple: int) -> int:
+    """Tokens of :func:`pack_thd`'s stream for samples of ``lengths`` (``total_multiple`` when empty)."""
+    total = sum(-(-int(n) // seq_multiple) * seq_multiple for n in lengths)
+    return max(-(-total // total_multiple) * total_multiple, total_multiple)
+
+
+def _rank_micro_batches(
+    model: Any, batch: RLBatch, plan: PackPlan, ctx: ParallelContext, layout: Layout
+) -> _RankMicroBatches:
+    """Pack this DP rank's micro-batches (kept when empty, so every rank runs the same collectives)."""
+    from rlkit.parallel.megatron.distributed import max_over_data_parallel
+
+    mine = plan.micro_batches[ctx.dp_rank]
+    if not ctx.is_parallel:
+        mine = [mb for mb in mine if mb]
+        full = [build_micro_batch(batch, mb, layout=layout) for mb in mine]
+        return _RankMicroBatches(mine, full, full, 0)
+    seq_multiple, total_multiple = padding_multiples(
+        cp_size=ctx.cp_size, tp_size=ctx.tp_size, sequence_parallel=ctx.sequence_parallel
+    )
+    lengths = [_stream_length([len(batch.tokens[i]) for i in mb], seq_multiple, total_multiple) for mb in mine]
+    config = getattr(model, "config", None)
+    if ctx.ep_size > 1:
+        # The allgather MoE dispatcher all-gathers equal-sized blocks over the EP ranks, which hold other
+        # DP ranks' micro-batches: pad micro-batch j to its longest length over the DP ranks.
+        lengths = max_over_data_parallel(lengths)
+    if ctx.pp_size > 1 and not getattr(config, "variable_seq_lengths", True):
+        lengths = [max(lengths)] * len(lengths)
+    full = [
+        build_micro_batch(batch, mb, layout="thd", seq_multiple=seq_multiple, total_multiple=n)
+        for mb, n in zip(mine, lengths, strict=True)
+    ]
+    local = [_cp_local(m, ctx) for m in full]
+    return _RankMicroBatches(mine, full, local, max(lengths))
+
+
+def _cp_local(micro: PackedBatch, ctx: ParallelContext) -> PackedBatch:
+    """This CP rank's tokens of ``micro``; ``cu_seqlens`` stays the full stream's (the attention needs it)."""
+    if ctx.cp_size == 1:
+        return micro
+    shard = cp_shard(micro, cp_size=ctx.cp_size, cp_rank=ctx.cp_rank)
+    return dataclasses.replace(
+        micro,
+        input_ids=shard.input_ids,
+        position_ids=shard.position_ids,
+        sample_ids=shard.sample_ids,
+        target_ids=shard.target_ids,
+        loss_mask=shard.loss_mask,
+        values=shard.values,
+    )
+
+
+def _tp_group(ctx: ParallelContext) -> Any:
+    if ctx.tp_size == 1:
+        return None
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def _run_schedule(model, forward, micros, loss_func_of, *, seq_length: int, forward_only: bool = False) -> None:
+    """megatron-core's forward(-backward) schedule over ``micros`` (1F1B across stages when PP > 1).
+
+    ``loss_func_of(j)`` returns the loss function of micro-batch ``j``, ``output -> (loss, num_tokens, logged)``;
+    the model is built with ``calculate_per_token_loss=True`` so the schedule does not rescale the losses.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not torch.cuda.is_available():
+        from rlkit.parallel.megatron.distributed import apply_cpu_distributed_patches
+
+        apply_cpu_distributed_patches()
+    if not getattr(model.config, "calculate_per_token_loss", False):
+        # Without it the schedule divides every micro-batch loss by the micro-batch count; rlkit's
+        # losses already carry the global normalizer.
+        raise ValueError("build the model with calculate_per_token_loss=True to use megatron's schedule")
+    items = iter(enumerate(micros))
+
+    def forward_step(data_iterator, _model):
+        j, micro = next(data_iterator)
+        return forward(micro), loss_func_of(j)
+
+    get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=items,
+        model=[model],
+        num_microbatches=len(micros),
+        seq_length=seq_length,
+        micro_batch_size=1,
+        forward_only=forward_only,
+    )
+
+
+# ---- the no-grad log-prob pass -----------------------------------------------------------------------------
+
+
 @torch.no_grad()
 def compute_log_probs(
     forward: ForwardFn,
@@ -209,41 +416,115 @@ def compute_log_probs(
     vocab_size: int,
     layout: Layout = "thd",
     temperature: float = 1.0,
+    model: Any = None,
 ) -> list[Tensor]:
     """Log-probs of every response token without gradients: the old-policy and reference-model passes.
 
     Args:
         forward: ``micro -> logits`` of the policy or the reference model (:func:`megatron_forward`, ...).
-        tokens: ``N`` int ``[L_i]`` prompt + response ids.
+        tokens: ``N`` int ``[L_i]`` prompt + response ids (the whole batch, the same on every rank).
         response_lengths: ``N`` ints ``R_i``.
-        packer: micro-batch planner (``dp_size`` 1).
+        packer: micro-batch planner with megatron's DP and CP sizes.
         vocab_size: real vocabulary size (megatron's padded logit columns are dropped).
-        layout: ``"thd"`` or ``"bshd"``.
+        layout: ``"thd"`` or ``"bshd"`` (model-parallel runs need ``"thd"``).
         temperature: rollout sampling temperature.
+        model: the megatron model behind ``forward``; needed when megatron's groups have a size > 1 (its
+            config tells sequence parallelism and the pipeline stage).
 
     Returns:
-        ``N`` float32 ``[R_i]`` tensors, ``log p(response token j | prefix)``, in the input order.
+        ``N`` float32 CPU ``[R_i]`` tensors, ``log p(response token j | prefix)``, in the input order, on every
+        rank (DP ranks exchange their samples, CP ranks their tokens, the last PP stage sends its results).
     """
-    if packer.dp_size != 1:
-        raise ValueError(f"dp_size={packer.dp_size}: compute_log_probs runs one process; use 1")
+    ctx = _context(model)
+    _check_packer(packer, ctx, layout)
+    if ctx.is_parallel and model is None:
+        raise ValueError("compute_log_probs under model parallelism needs model= (the megatron model of forward)")
     plan = packer.pack([len(t) for t in tokens])
-    out: list[Tensor | None] = [None] * len(tokens)
     zeros = [torch.zeros(int(r)) for r in response_lengths]
     batch = RLBatch(tokens=tokens, response_lengths=response_lengths, advantages=zeros, old_log_probs=zeros)
-    for indices in plan.micro_batches[0]:
-        if not indices:
-            continue
-        micro = build_micro_batch(batch, indices, layout=layout)
-        logits = forward(micro)[..., :vocab_size]
-        log_probs, _ = logprobs_and_entropy(
-            logits, micro.target_ids.to(logits.device), temperature=temperature, compute_entropy=False
+    rank_micros = _rank_micro_batches(model, batch, plan, ctx, layout)
+    tp_group = _tp_group(ctx)
+    local_log_probs: dict[int, Tensor] = {}
+
+    def log_probs_of(j: int, logits: Tensor) -> Tensor:
+        micro = rank_micros.local[j]
+        values, _ = token_log_probs(
+            logits, micro.target_ids.to(logits.device), vocab_size=vocab_size, temperature=temperature,
+            compute_entropy=False, tp_group=tp_group,
+        )  # fmt: skip
+        local_log_probs[j] = values.float().cpu()
+        return values
+
+    if ctx.pp_size > 1:
+
+        def loss_func_of(j: int):
+            def loss_func(output: Tensor):
+                values = log_probs_of(j, output)
+                return values.sum(), torch.ones((), dtype=torch.int), {}
+
+            return loss_func
+
+        _run_schedule(
+            model, forward, rank_micros.local, loss_func_of, seq_length=rank_micros.seq_length, forward_only=True
         )
-        for index, values in zip(indices, micro.unpack_response(log_probs), strict=True):
-            out[index] = values.float().cpu()
-    return [t for t in out if t is not None]
+    else:
+        for j, micro in enumerate(rank_micros.local):
+            log_probs_of(j, forward(micro))
+    out: dict[int, Tensor] = {}
+    if ctx.is_last_stage:
+        for j, (indices, micro) in enumerate(zip(rank_micros.indices, rank_micros.full, strict=True)):
+            stream = _cp_gather(local_log_probs[j], micro, ctx)
+            for index, values in zip(indices, micro.unpack_response(stream), strict=True):
+                out[index] = values.clone()
+    if ctx.is_parallel:
+        out = _share_results(out, ctx)
+    return [out[i] for i in range(len(tokens))]
 
 
-def _grad_norm(parameters: Sequence[Tensor]) -> Tensor:
+def _cp_gather(local: Tensor, micro: MicroBatch, ctx: ParallelContext) -> Tensor:
+    """The full stream ``[T]`` from every CP rank's ``[T / cp]`` values."""
+    if ctx.cp_size == 1:
+        return local
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from rlkit.parallel.context import cp_unsplit
+
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    pieces = [torch.empty_like(local, device=device) for _ in range(ctx.cp_size)]
+    dist.all_gather(pieces, local.to(device), group=parallel_state.get_context_parallel_group())
+    return cp_unsplit([p.cpu() for p in pieces], micro.cu_seqlens)
+
+
+def _share_results(out: dict[int, Tensor], ctx: ParallelContext) -> dict[int, Tensor]:
+    """Every rank's ``{sample index: values}`` merged over DP, then sent from the last PP stage."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if ctx.is_last_stage and ctx.dp_size > 1:
+        parts: list[Any] = [None] * ctx.dp_size
+        dist.all_gather_object(parts, out, group=parallel_state.get_data_parallel_group())
+        out = {k: v for part in parts for k, v in part.items()}
+    if ctx.pp_size > 1:
+        box = [out]
+        dist.broadcast_object_list(
+            box,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+        out = box[0]
+    return out
+
+
+# ---- the train step ------------------------------------------------------------------------------------------
+
+
+def _context(model: Any) -> ParallelContext:
+    config = getattr(model, "config", None)
+    return ParallelContext.current(sequence_parallel=bool(getattr(config, "sequence_parallel", False)))
+
+
+def _local_grad_norm(parameters: Sequence[Tensor]) -> Tensor:
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
@@ -265,43 +546,45 @@ def train_step(
     temperature: float = 1.0,
     use_megatron_schedule: bool = False,
 ) -> StepResult:
-    """One optimizer step on ``batch`` (single process).
+    """One optimizer step on ``batch``, on one process or on every rank of a megatron layout.
+
+    Under model parallelism every rank calls this with the same ``batch`` (the whole global batch) and
+    its own part of the model; see the module docstring for what each axis does.
 
     Args:
         model: the policy (megatron ``GPTModel`` or HF model), in train mode.
         optimizer: a ``torch.optim`` optimizer over ``model``'s parameters, or ``None`` to stop after the
-            backward and grad norm (gradients are left in ``.grad`` for inspection).
+            backward, the gradient reduction and the grad norm (gradients are left in ``.grad``).
         batch: the step's samples.
-        packer: micro-batch planner (``dp_size`` must be 1 here).
+        packer: micro-batch planner; its ``dp_size`` and ``cp_size`` must equal megatron's.
         loss_config: ``rl_loss`` hyper-parameters; ``loss_config.aggregation`` picks the normalizer.
         forward: ``micro -> logits``, e.g. :func:`megatron_forward` or :func:`hf_forward`.
         vocab_size: the real vocabulary size (logit columns beyond it are megatron's padding).
-        layout: ``"thd"`` packed or ``"bshd"`` padded micro-batches.
+        layout: ``"thd"`` packed or ``"bshd"`` padded micro-batches (one process only).
         max_grad_norm: clip the global gradient norm to this (``None``: no clipping).
         temperature: rollout sampling temperature.
-        use_megatron_schedule: run megatron-core's ``forward_backward_no_pipelining`` instead of a
-            plain loop (``model`` must be a megatron module built with ``calculate_per_token_loss=True``;
-            CUDA only, since megatron-core 0.16's schedule allocates on ``"cuda"``; same result).
+        use_megatron_schedule: run megatron-core's ``forward_backward_no_pipelining`` instead of a plain
+            loop (same result; the model needs ``calculate_per_token_loss=True``, which
+            :func:`~rlkit.parallel.megatron.model.build_gpt_model` sets). PP > 1 always uses megatron's
+            pipeline schedule.
 
     Returns:
-        A :class:`StepResult` with the global loss, the pre-clip gradient norm and summed metrics.
+        A :class:`StepResult` with the global loss, the pre-clip global gradient norm and summed metrics,
+        the same on every rank.
     """
-    if packer.dp_size != 1 or packer.cp_size != 1:
-        raise ValueError(
-            f"dp_size={packer.dp_size}, cp_size={packer.cp_size}: train_step runs one process; use 1 and 1"
-        )
+    ctx = _context(model)
+    _check_packer(packer, ctx, layout)
     counts = batch.loss_token_counts()
     plan: PackPlan = packer.pack([len(t) for t in batch.tokens], loss_token_counts=counts)
     normalizer = plan.normalizer(loss_config.aggregation)
-    count_tensor = torch.tensor(counts, dtype=torch.float32)
-    micro_indices = [mb for mb in plan.micro_batches[0] if mb]
-    micros = [build_micro_batch(batch, mb, layout=layout) for mb in micro_indices]
+    rank_micros = _rank_micro_batches(model, batch, plan, ctx, layout)
     loss_fn_kwargs = dict(
         loss_config=loss_config,
         normalizer=normalizer,
-        sample_loss_token_counts=count_tensor,
+        sample_loss_token_counts=torch.tensor(counts, dtype=torch.float32),
         vocab_size=vocab_size,
         temperature=temperature,
+        tp_group=_tp_group(ctx),
     )
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
@@ -312,58 +595,41 @@ def train_step(
         for name, value in metrics.items():
             totals[name] = totals.get(name, 0.0) + float(value)
 
-    if use_megatron_schedule:
-        _megatron_forward_backward(model, forward, micros, micro_indices, record, loss_fn_kwargs)
+    micros, indices = rank_micros.local, rank_micros.indices
+    if use_megatron_schedule or ctx.pp_size > 1:
+
+        def loss_func_of(j: int):
+            def loss_func(output: Tensor):
+                loss, metrics = micro_batch_loss(output, micros[j], indices[j], **loss_fn_kwargs)
+                record(metrics)
+                # (loss, num_tokens, logged): with calculate_per_token_loss the schedule does not rescale.
+                return loss, torch.ones((), dtype=torch.int), metrics
+
+            return loss_func
+
+        _run_schedule(model, forward, micros, loss_func_of, seq_length=rank_micros.seq_length)
     else:
-        for micro, indices in zip(micros, micro_indices, strict=True):
-            loss, metrics = micro_batch_loss(forward(micro), micro, indices, **loss_fn_kwargs)
+        for micro, mb in zip(micros, indices, strict=True):
+            loss, metrics = micro_batch_loss(forward(micro), micro, mb, **loss_fn_kwargs)
             loss.backward()
             record(metrics)
-    grad_norm = _grad_norm(params)
+    if ctx.is_parallel:
+        from rlkit.parallel.megatron.distributed import finalize_grads, grad_norm, sum_metrics
+
+        finalize_grads(model)
+        norm = grad_norm(params)
+        totals = sum_metrics(totals, ctx)
+    else:
+        norm = _local_grad_norm(params)
     if max_grad_norm is not None:
-        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, grad_norm.to(params[0].device))
+        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm.to(params[0].device))
     if optimizer is not None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return StepResult(
         loss=totals.get("loss", 0.0),
-        grad_norm=float(grad_norm),
+        grad_norm=float(norm),
         metrics=totals,
         num_micro_batches=len(micros),
         num_tokens=sum(int(m.input_ids.numel()) for m in micros),
-    )
-
-
-def _megatron_forward_backward(model, forward, micros, micro_indices, record, loss_fn_kwargs) -> None:
-    """Run the micro-batches through megatron-core's no-pipelining schedule (forward + backward each)."""
-    from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining
-
-    if not torch.cuda.is_available():
-        # megatron-core 0.16 allocates its token counter with device="cuda" inside the schedule.
-        raise ValueError("use_megatron_schedule=True needs CUDA (megatron-core's schedule); use the plain loop on CPU")
-    if not getattr(model.config, "calculate_per_token_loss", False):
-        # Without it the schedule divides every micro-batch loss by the micro-batch count; rlkit's
-        # losses already carry the global normalizer.
-        raise ValueError("build the model with calculate_per_token_loss=True to use megatron's schedule")
-    items = iter(zip(micros, micro_indices, strict=True))
-
-    def forward_step(data_iterator, _model):
-        micro, indices = next(data_iterator)
-        logits = forward(micro)
-
-        def loss_func(output: Tensor):
-            loss, metrics = micro_batch_loss(output, micro, indices, **loss_fn_kwargs)
-            record(metrics)
-            # (loss, num_tokens, logged): with calculate_per_token_loss the schedule does not rescale.
-            return loss, torch.ones((), dtype=torch.int), metrics
-
-        return logits, loss_func
-
-    forward_backward_no_pipelining(
-        forward_step_func=forward_step,
-        data_iterator=items,
-        model=model,
-        num_microbatches=len(micros),
-        seq_length=0,
-        micro_batch_size=1,
     )

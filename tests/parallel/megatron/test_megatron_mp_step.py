@@ -1,0 +1,160 @@
+"""The GRPO train step under TP2, TP2+SP, DP2, PP2 and EP2 (2 gloo processes) reproduces the single-process step.
+
+Reference: HF transformers' unsharded model running the same step on one process (``hf_forward``, padded
+micro-batches, its own packing) - independent of megatron, and the single-process megatron step equals it
+(test_megatron_step.py). Every rank's gradients are gathered into HF names with
+:func:`rlkit.ckpt.convert.megatron_to_hf` under the rank's layout, so each sharded weight's gradient is compared
+with the matching slice of the reference gradient (TP column/row shards, the PP stage's layers, EP's experts).
+float32 on CPU: the same math summed in another order, relative differences ~1e-6.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install 'rlkit[megatron]')")
+
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from rlkit.algos.losses import PolicyLossConfig  # noqa: E402
+from rlkit.ckpt.convert import Layout, megatron_to_hf  # noqa: E402
+from rlkit.parallel.megatron.step import RLBatch, compute_log_probs, hf_forward, train_step  # noqa: E402
+from rlkit.parallel.packing import DataPacker  # noqa: E402
+
+WORLD = 2
+VOCAB = 200  # padded to 256 at tp=2: the last TP rank's shard holds 56 padding columns
+LENGTHS = [9, 17, 5, 23, 12, 30, 3, 14]
+RESPONSES = [4, 10, 2, 15, 6, 20, 1, 7]
+BUDGET = 40  # 113 tokens: >= 3 micro-batches on one rank, >= 2 per DP rank
+# case -> (init_model_parallel sizes, sequence_parallel, MoE, DataPacker.dp_size, Layout for megatron_to_hf)
+CASES = {
+    "tp2": (dict(tensor_model_parallel_size=2), False, False, 1, Layout(tp=2, etp=2)),
+    "tp2_sp": (dict(tensor_model_parallel_size=2), True, False, 1, Layout(tp=2, etp=2)),
+    "dp2": (dict(), False, False, 2, Layout()),
+    "pp2": (dict(pipeline_model_parallel_size=2), False, False, 1, Layout(pp=2)),
+    "ep2": (dict(expert_model_parallel_size=2), False, True, 2, Layout(ep=2)),
+}
+LOSS = PolicyLossConfig(aggregation="token_mean")
+
+
+def _hf_model(moe: bool):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from rlkit.models.tiny import build_tiny_qwen3
+
+    if not moe:
+        return build_tiny_qwen3(seed=3, vocab_size=VOCAB).train()  # tied embeddings: PP2 needs the embedding group
+    config = Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=176, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=256, tie_word_embeddings=False,
+    )  # fmt: skip
+    config._attn_implementation = "eager"
+    torch.manual_seed(5)
+    return Qwen3MoeForCausalLM(config).train()
+
+
+def _batch() -> RLBatch:
+    g = torch.Generator().manual_seed(0)
+    tokens = [torch.randint(1, VOCAB, (n,), generator=g) for n in LENGTHS]
+    adv = [torch.full((r,), float(torch.randn(1, generator=g))) for r in RESPONSES]
+    old = [-5.3 + 0.5 * torch.randn(r, generator=g) for r in RESPONSES]  # near -log(200): some ratios clip
+    masks = [(torch.rand(r, generator=g) > 0.3).float() for r in RESPONSES]
+    return RLBatch(tokens=tokens, response_lengths=RESPONSES, advantages=adv, old_log_probs=old, loss_masks=masks)
+
+
+def _worker(rank: int, init_file: str, results) -> None:
+    warnings.simplefilter("ignore")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    from megatron.core import parallel_state as ps
+
+    from rlkit.parallel.megatron.model import build_gpt_model, init_model_parallel
+    from rlkit.parallel.megatron.step import megatron_forward
+
+    try:
+        for case, (sizes, sequence_parallel, moe, dp, _) in CASES.items():
+            init_model_parallel(**sizes)
+            hf = _hf_model(moe)
+            model = build_gpt_model(hf.config, hf_state_dict=hf.state_dict(), sequence_parallel=sequence_parallel)
+            packer = DataPacker(dp_size=dp, max_tokens_per_gpu=BUDGET)
+            forward = megatron_forward(model)
+            step = train_step(
+                model, None, _batch(), packer=packer, loss_config=LOSS, forward=forward, vocab_size=VOCAB,
+                max_grad_norm=None,
+            )  # fmt: skip
+            log_probs = compute_log_probs(
+                forward, _batch().tokens, RESPONSES, packer=packer, vocab_size=VOCAB, model=model.eval()
+            )
+            results[(case, rank)] = dict(
+                loss=step.loss,
+                grad_norm=step.grad_norm,
+                clipfrac=step.metrics["pg_clipfrac"],
+                shard=(ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+                       ps.get_expert_model_parallel_rank()),
+                grads={n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                log_probs=log_probs,
+            )  # fmt: skip
+            ps.destroy_model_parallel()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def parallel_results():
+    with tempfile.TemporaryDirectory() as tmp:
+        results = mp.Manager().dict()
+        mp.spawn(_worker, args=(os.path.join(tmp, "init"), results), nprocs=WORLD, join=True)
+        return dict(results)
+
+
+def _reference(moe: bool):
+    """The single-process step on HF's unsharded model: loss, grad norm, gradients by HF name, log-probs."""
+    from rlkit.ckpt.experts import split_fused_experts
+
+    hf = _hf_model(moe)
+    model = copy.deepcopy(hf)
+    step = train_step(
+        model, None, _batch(), packer=DataPacker(max_tokens_per_gpu=1000), loss_config=LOSS,
+        forward=hf_forward(model), vocab_size=VOCAB, layout="bshd", max_grad_norm=None,
+    )  # fmt: skip
+    grads = split_fused_experts({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    with torch.no_grad():
+        log_probs = []
+        for tokens, r in zip(_batch().tokens, RESPONSES, strict=True):
+            logits = hf.eval()(input_ids=tokens[None]).logits[0].double()
+            log_probs.append(torch.log_softmax(logits[-r - 1 : -1], -1).gather(1, tokens[-r:, None])[:, 0])
+    return step, grads, log_probs, hf.config.to_dict()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_step_reproduces_single_process(parallel_results, case):
+    _, _, moe, _, layout = CASES[case]
+    want, want_grads, want_log_probs, config = _reference(moe)
+    ranks = [parallel_results[(case, r)] for r in range(WORLD)]
+    assert 0.0 < want.metrics["pg_clipfrac"] < 1.0  # the clip is exercised
+    # DP replicas hold equal gradients; megatron_to_hf takes one state dict per (pp, tp, ep) shard.
+    shards = {got["shard"]: got["grads"] for got in ranks}
+    assert len(shards) == (1 if case == "dp2" else WORLD)
+    grads = megatron_to_hf(shards, config, layout=layout)
+    assert grads, case
+    for key, want_grad in want_grads.items():
+        got_grad = grads.get(key, torch.zeros_like(want_grad))  # unrouted experts: no megatron gradient
+        scale = float(want_grad.abs().max())
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-5 * scale + 1e-9, msg=f"{case} {key}")
+    for got in ranks:  # every rank reports the global values
+        assert got["loss"] == pytest.approx(want.loss, rel=1e-5, abs=1e-7), case
+        assert got["grad_norm"] == pytest.approx(want.grad_norm, rel=1e-5), case
+        assert got["clipfrac"] == pytest.approx(want.metrics["pg_clipfrac"], rel=1e-5), case
+        for values, expected in zip(got["log_probs"], want_log_probs, strict=True):
+            torch.testing.assert_close(values.double(), expected, rtol=1e-5, atol=1e-5)
+    if case == "dp2":
+        for name, grad in ranks[0]["grads"].items():
+            torch.testing.assert_close(grad, ranks[1]["grads"][name], rtol=0, atol=0, msg=name)
