@@ -1,4 +1,4 @@
-"""The GRPO train step under TP2, TP2+SP, DP2, PP2 and EP2 (2 gloo processes) reproduces the single-process step.
+"""The GRPO train step under TP2, TP2+SP, DP2, PP2, EP2 and CP2 (2 gloo processes) reproduces the single-process step.
 
 Reference: HF transformers' unsharded model running the same step on one process (``hf_forward``, padded
 micro-batches, its own packing) - independent of megatron, and the single-process megatron step equals it
@@ -33,13 +33,15 @@ VOCAB = 200  # padded to 256 at tp=2: the last TP rank's shard holds 56 padding 
 LENGTHS = [9, 17, 5, 23, 12, 30, 3, 14]
 RESPONSES = [4, 10, 2, 15, 6, 20, 1, 7]
 BUDGET = 40  # 113 tokens: >= 3 micro-batches on one rank, >= 2 per DP rank
-# case -> (init_model_parallel sizes, sequence_parallel, MoE, DataPacker.dp_size, Layout for megatron_to_hf)
+# case -> (init_model_parallel sizes, sequence_parallel, MoE, DataPacker.dp_size, Layout for megatron_to_hf);
+# DataPacker.cp_size is the CP size.
 CASES = {
     "tp2": (dict(tensor_model_parallel_size=2), False, False, 1, Layout(tp=2, etp=2)),
     "tp2_sp": (dict(tensor_model_parallel_size=2), True, False, 1, Layout(tp=2, etp=2)),
     "dp2": (dict(), False, False, 2, Layout()),
     "pp2": (dict(pipeline_model_parallel_size=2), False, False, 1, Layout(pp=2)),
     "ep2": (dict(expert_model_parallel_size=2), False, True, 2, Layout(ep=2)),
+    "cp2": (dict(context_parallel_size=2), False, False, 1, Layout()),
 }
 LOSS = PolicyLossConfig(aggregation="token_mean")
 
@@ -84,7 +86,8 @@ def _worker(rank: int, init_file: str, results) -> None:
             init_model_parallel(**sizes)
             hf = _hf_model(moe)
             model = build_gpt_model(hf.config, hf_state_dict=hf.state_dict(), sequence_parallel=sequence_parallel)
-            packer = DataPacker(dp_size=dp, max_tokens_per_gpu=BUDGET)
+            cp = sizes.get("context_parallel_size", 1)
+            packer = DataPacker(dp_size=dp, cp_size=cp, max_tokens_per_gpu=BUDGET // cp)
             forward = megatron_forward(model)
             step = train_step(
                 model, None, _batch(), packer=packer, loss_config=LOSS, forward=forward, vocab_size=VOCAB,
@@ -140,9 +143,10 @@ def test_step_reproduces_single_process(parallel_results, case):
     want, want_grads, want_log_probs, config = _reference(moe)
     ranks = [parallel_results[(case, r)] for r in range(WORLD)]
     assert 0.0 < want.metrics["pg_clipfrac"] < 1.0  # the clip is exercised
-    # DP replicas hold equal gradients; megatron_to_hf takes one state dict per (pp, tp, ep) shard.
+    # DP and CP replicas hold equal gradients; megatron_to_hf takes one state dict per (pp, tp, ep) shard.
+    replicas = case in ("dp2", "cp2")
     shards = {got["shard"]: got["grads"] for got in ranks}
-    assert len(shards) == (1 if case == "dp2" else WORLD)
+    assert len(shards) == (1 if replicas else WORLD)
     grads = megatron_to_hf(shards, config, layout=layout)
     assert grads, case
     for key, want_grad in want_grads.items():
@@ -155,6 +159,6 @@ def test_step_reproduces_single_process(parallel_results, case):
         assert got["clipfrac"] == pytest.approx(want.metrics["pg_clipfrac"], rel=1e-5), case
         for values, expected in zip(got["log_probs"], want_log_probs, strict=True):
             torch.testing.assert_close(values.double(), expected, rtol=1e-5, atol=1e-5)
-    if case == "dp2":
+    if replicas:
         for name, grad in ranks[0]["grads"].items():
             torch.testing.assert_close(grad, ranks[1]["grads"][name], rtol=0, atol=0, msg=name)
