@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bucket-mb", type=int, default=512)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile FP8 rows")
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one sync")
     parser.add_argument("--out", default="", help="write the rows as JSON here")
     args = parser.parse_args()
 
@@ -134,6 +135,12 @@ def main() -> None:
     report("per-tensor copy of prepared HF tensors", seconds, peak, num_bytes, x_floor=round(seconds / floor, 2))
     buffers.clear()
 
+    def convert_only():
+        sync_colocated(model, None, config, config=WeightSyncConfig(bucket_bytes=bucket_bytes))
+
+    seconds, peak = _timed(convert_only, device, args.repeats)
+    report("convert only: buckets made, no engine copy", seconds, peak, num_bytes, x_floor=round(seconds / floor, 2))
+
     variants = [("sync", {}), ("sync fp8 roundtrip (eager)", dict(fp8="roundtrip"))]
     if device.type == "cuda" and not args.no_compile:
         variants.append(("sync fp8 roundtrip (compiled)", dict(fp8="roundtrip", fp8_compile=True)))
@@ -153,6 +160,21 @@ def main() -> None:
 
         seconds, peak = _timed(quantize_sink, device, args.repeats)
         report(name, seconds, peak, num_bytes, x_floor=round(seconds / floor, 2), bytes_out=out["stats"].num_bytes)
+
+    if args.profile:
+        _profile(lambda: run_sync(), device)
+
+
+def _profile(fn, device: torch.device) -> None:
+    """Print where one sync spends host and device time (torch.profiler, top ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    for key in ["self_cpu_time_total"] + (["self_device_time_total"] if device.type == "cuda" else []):
+        print(prof.key_averages().table(sort_by=key, row_limit=12), flush=True)
 
 
 if __name__ == "__main__":
