@@ -33,8 +33,10 @@ def _problem(num_tokens=600, hidden_size=256, vocab=151936, dtype=torch.bfloat16
     return hidden, weight, tokens, sample_ids, loss_mask, advantages
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_fused_triton_matches_torch_float64_and_rl_loss(dtype):
+@pytest.mark.parametrize(
+    "dtype, grad_weight_fp32", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, False)]
+)
+def test_fused_triton_matches_torch_float64_and_rl_loss(dtype, grad_weight_fp32):
     hidden, weight, tokens, sample_ids, loss_mask, advantages = _problem(dtype=dtype)
     temperature = 0.8
     with torch.no_grad():
@@ -47,7 +49,8 @@ def test_fused_triton_matches_torch_float64_and_rl_loss(dtype):
     results = {}
     for backend in ("torch", "triton"):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        out = fused_loss_from_hidden(h, w, tokens, loss_fn, temperature=temperature, chunk_size=256, backend=backend)
+        out = fused_loss_from_hidden(h, w, tokens, loss_fn, temperature=temperature, chunk_size=256,
+                                     backend=backend, grad_weight_fp32=grad_weight_fp32)  # fmt: skip
         results[backend] = (out.loss, *torch.autograd.grad(out.loss, (h, w)))
     # the per-token path + rl_loss on the same inputs (4 products, gradients through autograd)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -65,15 +68,19 @@ def test_fused_triton_matches_torch_float64_and_rl_loss(dtype):
                           **{**common, "ref_log_probs": lp0.double()})  # fmt: skip
     ref = (ref_loss, *torch.autograd.grad(ref_loss, (h64, w64)))
     # fp32: float32 products and row math (1e-4 covers round-off over 151,936 terms); bf16: the logits'
-    # gradient, grad_hidden and grad_W (3 chunks) are rounded to bf16 (2^-9 each): 1e-2.
+    # gradient, grad_hidden and grad_W (3 chunks) are rounded to bf16 (2^-9 each): 1e-2. The per-token
+    # path's bf16 grad_hidden is itself 1.3e-2 from float64 (accumulated over 32 vocabulary slices in
+    # bf16; measured 2026-11-23), so against it the bound is 3e-2.
     tol = 1e-4 if dtype == torch.float32 else 1e-2
+    tag = f"fused {dtype}{' fp32gW' if grad_weight_fp32 else ''}"
     for i, name in enumerate(("loss", "grad_hidden", "grad_weight")):
-        _report(f"fused {dtype} triton-vs-torch {name}", results["triton"][i], results["torch"][i])
-        _report(f"fused {dtype} triton-vs-f64 {name}", results["triton"][i], ref[i])
-        _report(f"fused {dtype} triton-vs-per-token {name}", results["triton"][i], per_token[i])
+        _report(f"{tag} triton-vs-torch {name}", results["triton"][i], results["torch"][i])
+        _report(f"{tag} triton-vs-f64 {name}", results["triton"][i], ref[i])
+        _report(f"{tag} per-token-vs-f64 {name}", per_token[i], ref[i])
+        _report(f"{tag} triton-vs-per-token {name}", results["triton"][i], per_token[i])
         assert _rel(results["triton"][i], ref[i]) < tol
         assert _rel(results["triton"][i], results["torch"][i]) < tol
-        assert _rel(results["triton"][i], per_token[i]) < tol
+        assert _rel(results["triton"][i], per_token[i]) < (tol if dtype == torch.float32 else 3e-2)
 
 
 def test_triton_out_of_range_token_gives_nan_without_a_host_check():

@@ -54,11 +54,11 @@ chunks is the whole loss); ``chunk`` selects the chunk's tokens in every ``[T]``
 closes over. Gradients flow only through ``log_probs`` and ``entropy``. Metrics are 0-dim tensors that
 are summed over chunks (true for rlkit's weighted-sum metrics)."""
 
-# Tokens per chunk: the [c, V] logits buffer is the only large allocation. 1024 rows keep all three
-# products compute-bound at Qwen-size H and V (the weight is re-read per chunk and grad_W re-read and
-# re-written: ~4 |W| of traffic against 6 c V H FLOPs), while the buffer stays 1024 x V x 2 bytes
-# (311 MB at V = 151,936), 6% of the logits at 16K tokens and 3% at 32K.
-_DEFAULT_TOKEN_CHUNK = 1024
+# Tokens per chunk. The [c, V] logits buffer is the only large allocation (c x V x 2 bytes in bf16: 594 MB
+# for 2048 tokens at V = 151,936). Each chunk also costs a fixed ~1 ms on an H100 at Qwen3-4B's shape
+# (loss_fn's ~100 small kernels, grad_W read and re-written, smaller products): measured 1.27-1.28x of
+# the matmul floor with 2048 tokens, 1.40-1.41x with 1024, 2.0x with 512 (benchmarks/RESULTS.md).
+_DEFAULT_TOKEN_CHUNK = 2048
 
 
 class FusedLossOutput(NamedTuple):
@@ -142,7 +142,8 @@ def fused_loss_from_hidden(
         tokens: ``[T]`` int64/int32 target ids in ``[0, V)`` or ``ignore_index``.
         loss_fn: ``loss_fn(log_probs [c], entropy [c] | None, chunk) -> loss | (loss, metrics)``, see ``LossFn``.
         temperature: divides the logits before the softmax, as the sampler did (> 0).
-        chunk_size: tokens per chunk; ``None`` picks 1024.
+        chunk_size: tokens per chunk; ``None`` picks 2048 (the extra memory is ``chunk_size x V`` elements
+            of the hidden dtype; smaller saves memory and costs speed, see ``_DEFAULT_TOKEN_CHUNK``).
         compute_entropy: pass the entropy to ``loss_fn`` (otherwise ``None``; the row pass skips it).
         ignore_index: token id marking positions without a target (``log p = 0``, no gradient through it).
         backend: row-pass backend as in ``logprobs_and_entropy`` (Triton on CUDA by default).
@@ -165,7 +166,7 @@ def fused_loss_from_hidden(
             "dtype and device; cast one of them"
         )
     if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1 (tokens per chunk), or None for 1024")
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1 (tokens per chunk), or None for 2048")
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]
     hidden_in, weight_in = hidden, weight
     resolved = _resolve_backend(backend, hidden.device)
@@ -239,11 +240,24 @@ def _accumulate_grad_weight(grad_weight: Tensor, grad_logits: Tensor, hidden_row
         else:
             grad_weight.addmm_(grad_logits.T, hidden_rows)
         return
-    product = grad_logits.T @ hidden_rows  # fp32 inside, rounded once to the inputs' dtype
     if first:
-        grad_weight.copy_(product)
-    else:
-        grad_weight.add_(product)
+        grad_weight.zero_()
+    _addmm_float32_(grad_weight, grad_logits.T, hidden_rows)
+
+
+def _addmm_float32_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """``acc += a @ b`` for a float32 ``acc`` and low-precision ``a``, ``b``, without an ``[M, N]`` temporary."""
+    if acc.is_cuda:
+        try:  # cuBLAS writes the float32 accumulation straight into acc (torch >= 2.8, CUDA only)
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            pass
+    # Row blocks of the product, each rounded once to the operands' dtype and added in float32.
+    rows_per_block = max(1, (1 << 24) // max(1, acc.shape[1]))
+    for start in range(0, acc.shape[0], rows_per_block):
+        block = slice(start, start + rows_per_block)
+        acc[block].add_(a[block] @ b)
 
 
 def rl_loss_fn(
