@@ -6,30 +6,35 @@ the HF checkpoint (or the embedded default's tiny Qwen3) through ``rlkit.paralle
 THD-packed micro-batches (``rlkit.parallel.megatron.step``) with rlkit's losses.
 
 How the work is spread over the processes that ``torch.distributed.run`` launches (NCCL on CUDA, else gloo):
+  * the processes form megatron-core's grid, ``--tensor-model-parallel-size`` x ``--context-parallel-size`` x
+    data parallel (the rest; ``--expert-model-parallel-size`` spreads a MoE's experts over it);
   * rank 0 owns the rollout engine (embedded in its process with ``--colocate``, in its own process otherwise, or an
     SGLang server) and generates the whole rollout; the graded samples (token ids, rewards, advantages) are
     broadcast to every rank. Generating on one rank keeps the prompt order, the sampling seeds, the partial-rollout
-    buffer and the checkpointed data position exactly those of the one-process run; the samples are a few
-    kilobytes next to the weights;
-  * each data-parallel rank takes its share of one ``DataPacker`` plan of the global batch (``--balance-data``
-    balances tokens over ranks), computes the old-policy log-probs of its share without gradients
-    (``compute_log_probs``), then the loss of its micro-batches with the plan's global normalizer, so the per-rank
-    gradients SUM to the gradient of the whole batch's loss; they are all-reduced with a sum (megatron's DDP would
-    average: see docs/packing.md), clipped by the global norm, and AdamW steps on every rank alike;
-  * after the optimizer steps of a rollout, rank 0 converts its weights to HF names
-    (``rlkit.ckpt.convert.megatron_to_hf``) and pushes them with ``engine.update_weights``.
+    buffer and the checkpointed data position exactly those of the one-process run; the samples are kilobytes
+    next to the weights;
+  * every rank then runs ``rlkit.parallel.megatron.step`` on the whole global batch: one ``DataPacker`` plan gives
+    each data-parallel rank its share, the old-policy log-probs come from a no-grad pass (``compute_log_probs``),
+    and ``train_step`` sums the ranks' gradients of the global-normalizer loss (exactly the one-process gradient),
+    clips by the global norm and steps AdamW on every rank's part of the model;
+  * after the optimizer steps of a rollout, the weights go to the engine under HF names in bounded buckets
+    (``rlkit.parallel.megatron.weight_sync``, TP / EP shards gathered): copied in place into a colocated engine,
+    broadcast (NCCL / gloo) into a decoupled one, which on CUDA takes the first GPU after the trainers', or written
+    to disk for SGLang.
 
-Today rlkit's megatron backend trains with TP = PP = CP = EP = 1 (data parallelism only); larger sizes are refused by
-name (``megatron_problems``) until ``rlkit.parallel.megatron`` runs them. Checkpoints: ``--save`` writes rlkit's
-atomic training state (megatron weights, AdamW state, data position, RNG) from rank 0, and ``--save-hf`` an HF
-export; megatron-core's native ``torch_dist`` (``rlkit.ckpt.torch_dist.save_megatron_dist``) is not used: 0.16.1
-needs CUDA for it.
+Refused by name (``megatron_problems``): pipeline parallelism (one engine would need every stage's weights: the
+sync sends per stage), the distributed optimizer and CPU offload, KL and TIS terms (the megatron step takes no
+reference or rollout log-probs yet), ``--async``. Checkpoints: ``--save`` writes rlkit's atomic training state per
+model-parallel shard (megatron weights, AdamW state; rank 0's also holds the data position and RNG), ``--save-hf``
+an HF export gathered from the shards; megatron-core's native ``torch_dist`` is not used (0.16.1 needs CUDA for it).
 
 Commands (the embedded default: a tiny Qwen3 and the bundled addition set):
   1 process (CPU or one GPU):
       python3 examples/grpo_qwen3_4b.py --backend megatron
-  2 processes, data parallel (gloo on CPU, NCCL on 2 GPUs):
-      python3 -m torch.distributed.run --nproc-per-node 2 examples/grpo_qwen3_4b.py --backend megatron
+  2 processes, data parallel (gloo on CPU, NCCL on 2 GPUs), or tensor parallel:
+      python3 -m torch.distributed.run --nproc-per-node 2 examples/grpo_qwen3_4b.py --backend megatron --colocate
+      python3 -m torch.distributed.run --nproc-per-node 2 examples/grpo_qwen3_4b.py --backend megatron --colocate \
+          --tensor-model-parallel-size 2 --sequence-parallel
 """
 
 from __future__ import annotations
@@ -47,7 +52,6 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/ is no package: the HF recipe is a sibling
 import grpo_qwen3_4b as recipe  # noqa: E402
 
-from rlkit.ckpt.convert import megatron_to_hf  # noqa: E402
 from rlkit.ckpt.hf import SafetensorsWriter  # noqa: E402
 from rlkit.ckpt.training_state import (  # noqa: E402
     capture_rng_state,
@@ -60,9 +64,10 @@ from rlkit.rollout.buffer import PartialRolloutBuffer, get_buffer_filter  # noqa
 from rlkit.rollout.engines.embedded import EmbeddedEngine  # noqa: E402
 from rlkit.rollout.engines.process import ProcessEngine  # noqa: E402
 
-# What this file can run today: rlkit.parallel.megatron trains with TP = PP = CP = EP = 1 and data parallelism over
-# every launched process. A size above its entry here is refused by name.
-MEGATRON_MAX_SIZES = dict(tensor_model=1, pipeline_model=1, context=1, expert_model=1, expert_tensor=1)
+# Parallel sizes this recipe cannot run above a bound, and why (the others are limited only by the world size).
+MEGATRON_MAX_SIZES = {
+    "pipeline_model": (1, "weight sync into one engine needs every stage's weights; rlkit's sync sends per stage"),
+}
 
 # console line: step, reward, loss, grad norm, tokens/s, then the recipe's other keys
 STEP_KEYS = (("reward", "reward"), ("loss", "loss"), *CONSOLE_KEYS[1:])
@@ -71,12 +76,12 @@ STEP_KEYS = (("reward", "reward"), ("loss", "loss"), *CONSOLE_KEYS[1:])
 def megatron_problems(args: argparse.Namespace, *, world_size: int) -> list[str]:
     """Trainer settings this backend cannot honour, each with the reason and the fix (the recipe rejects them)."""
     problems = []
-    for name, most in MEGATRON_MAX_SIZES.items():
+    for name, (most, why) in MEGATRON_MAX_SIZES.items():
         size = getattr(args, f"{name}_parallel_size")
         if size > most:
             problems.append(
                 f"--{name.replace('_', '-')}-parallel-size {size}: not supported by the megatron backend yet "
-                f"(rlkit.parallel.megatron trains with at most {most}; data parallelism spans the torchrun processes)"
+                f"(at most {most}: {why})"
             )
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
     if world_size % model_parallel:
@@ -84,6 +89,12 @@ def megatron_problems(args: argparse.Namespace, *, world_size: int) -> list[str]
             f"--tensor-model-parallel-size x --pipeline-model-parallel-size x --context-parallel-size = "
             f"{model_parallel} does not divide the {world_size} launched processes; launch "
             f"'python3 -m torch.distributed.run --nproc-per-node {model_parallel} ...'"
+        )
+    expert_grid = args.expert_model_parallel_size * args.expert_tensor_parallel_size * args.pipeline_model_parallel_size
+    if world_size % expert_grid:
+        problems.append(
+            f"--expert-model-parallel-size x --expert-tensor-parallel-size x --pipeline-model-parallel-size = "
+            f"{expert_grid} does not divide the {world_size} launched processes"
         )
     trainer_gpus = args.actor_num_nodes * args.actor_num_gpus_per_node
     if (args.actor_num_nodes, args.actor_num_gpus_per_node) != (1, 1) and trainer_gpus != world_size:
@@ -130,14 +141,19 @@ def megatron_problems(args: argparse.Namespace, *, world_size: int) -> list[str]
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class World:
-    """This process's place: global rank, data-parallel rank and group, and its device."""
+    """This process's place: global rank, its megatron-core coordinates and its device."""
 
     rank: int
     world_size: int
-    dp_rank: int
     dp_size: int
-    dp_group: object
+    tp_size: int
+    cp_size: int
+    ep_size: int
+    shard: tuple[int, int, int]  # (pp, tp, ep) rank: which part of the model this process holds
     device: torch.device
+
+    def describe(self) -> str:
+        return f"DP{self.dp_size} x TP{self.tp_size} x CP{self.cp_size} (EP{self.ep_size})"
 
 
 def init_world(args) -> World:
@@ -149,15 +165,25 @@ def init_world(args) -> World:
     init_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        seed=args.seed,
     )
-    use_cuda = torch.cuda.is_available() and args.device != "cpu"
-    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    ps = parallel_state
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return World(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
-        dp_rank=parallel_state.get_data_parallel_rank(),
-        dp_size=parallel_state.get_data_parallel_world_size(),
-        dp_group=parallel_state.get_data_parallel_group(),
+        dp_size=ps.get_data_parallel_world_size(),
+        tp_size=ps.get_tensor_model_parallel_world_size(),
+        cp_size=ps.get_context_parallel_world_size(),
+        ep_size=ps.get_expert_model_parallel_world_size(),
+        shard=(
+            ps.get_pipeline_model_parallel_rank(),
+            ps.get_tensor_model_parallel_rank(),
+            ps.get_expert_model_parallel_rank(),
+        ),
         device=device,
     )
 
@@ -181,16 +207,38 @@ def megatron_policy(args, world: World, hf_policy):
         if value is not None
     }
     model = build_gpt_model(
-        hf_policy.config, hf_state_dict=hf_policy.state_dict(), params_dtype=dtype, device=world.device, **recompute
+        hf_policy.config,
+        hf_state_dict=hf_policy.state_dict(),
+        params_dtype=dtype,
+        device=world.device,
+        sequence_parallel=args.sequence_parallel and world.tp_size > 1,
+        **recompute,
     )
     return model.train()
 
 
-def build_engine(args, hf_policy, tokenizer, output_dir: Path):
-    """Rank 0's rollout engine: the HF policy itself with --colocate (no second copy), else the recipe's choice."""
-    if args.colocate and args.rollout_backend == "embedded":
+def build_engine(args, hf_policy, tokenizer, output_dir: Path, world: World):
+    """Rank 0's rollout engine: the HF policy itself (--colocate), its own process, or an SGLang server.
+
+    Decoupled on CUDA the engine takes its own GPU, the first after the trainers' (slime's --rollout-num-gpus);
+    the weights reach it by NCCL broadcast. On CPU the broadcast runs over gloo.
+    """
+    if args.rollout_backend == "sglang":
+        return recipe.build_engine(args, hf_policy, tokenizer, output_dir)
+    if args.colocate:  # the HF policy becomes the engine's model: no second copy
         return EmbeddedEngine(hf_policy.eval(), tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id or 0)
-    return recipe.build_engine(args, hf_policy, tokenizer, output_dir)
+    engine_device = torch.device("cpu")
+    if world.device.type == "cuda":
+        if torch.cuda.device_count() <= world.world_size:
+            raise SystemExit(
+                f"a decoupled engine needs a GPU of its own: {torch.cuda.device_count()} GPU(s) for {world.world_size} "
+                "trainer process(es); add --colocate to share rank 0's GPU, or launch fewer trainer processes"
+            )
+        engine_device = torch.device("cuda", world.world_size)
+    engine = recipe.build_engine(args, hf_policy, tokenizer, output_dir, engine_device=engine_device)
+    backend = "nccl" if engine_device.type == "cuda" else "gloo"
+    engine.init_weight_group(backend=backend, device=world.device, engine_device=engine_device)
+    return engine
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -198,129 +246,133 @@ def build_engine(args, hf_policy, tokenizer, output_dir: Path):
 # ----------------------------------------------------------------------------------------------------
 
 
-def hf_weights(model, hf_config: dict, *, fused_experts: bool) -> dict[str, torch.Tensor]:
-    """The megatron model's weights under HF names (TP = PP = EP = 1: this rank holds the whole model)."""
-    params = {name: p.detach() for name, p in model.named_parameters()}
-    return megatron_to_hf({(0, 0, 0): params}, hf_config, fused_experts=fused_experts)
+def sync_weights(model, engine, hf_config, args, world: World) -> None:
+    """Push the trained weights to rank 0's engine under HF names (``rlkit.parallel.megatron.weight_sync``).
 
-
-def old_log_probs(model, samples, plan, world: World, packer, *, vocab_size: int, temperature: float) -> None:
-    """No-grad log-probs of this rank's share of ``plan`` under the current policy -> ``metadata["old_log_probs"]``."""
-    from rlkit.parallel.megatron.step import compute_log_probs, megatron_forward
-
-    mine = [samples[i] for micro in plan.micro_batches[world.dp_rank] for i in micro]
-    values = compute_log_probs(
-        megatron_forward(model),
-        [torch.tensor(s.tokens) for s in mine],
-        [s.response_length for s in mine],
-        packer=packer,
-        vocab_size=vocab_size,
-        temperature=temperature,
-    )
-    for sample, value in zip(mine, values, strict=True):
-        sample.metadata["old_log_probs"] = value
-
-
-def train_on_batch(model, optimizer, samples, plan, world: World, loss_config, *, vocab_size, temperature, clip_grad):
-    """One optimizer step on a global batch; this rank computes ``plan.micro_batches[world.dp_rank]``.
-
-    Every rank divides by the plan's global normalizer, so the per-rank gradients sum (all-reduce SUM over the
-    data-parallel group) to the gradient of the global batch's loss, and the summed metrics are global values.
-
-    Returns:
-        Global-batch metrics of ``rl_loss`` (``loss``, ``pg_loss``, ``entropy``, ...), ``grad_norm`` (before
-        clipping) and ``micro_batches`` (per rank).
+    Every rank walks the model (the TP / EP gathers are collectives of its groups; ranks outside rank 0's groups
+    gather copies nobody receives); rank 0 delivers the HF tensors in buckets: in place into a colocated engine,
+    by broadcast into a decoupled one, or as one state dict to an SGLang server (it reloads the files it is sent).
     """
-    from rlkit.parallel.megatron.step import RLBatch, build_micro_batch, megatron_forward, micro_batch_loss
+    from rlkit.parallel.megatron import weight_sync
 
-    mine = [i for micro in plan.micro_batches[world.dp_rank] for i in micro]
-    local = {index: position for position, index in enumerate(mine)}
-    batch = RLBatch(
-        tokens=[torch.tensor(samples[i].tokens) for i in mine],
-        response_lengths=[samples[i].response_length for i in mine],
-        advantages=[torch.tensor(samples[i].metadata["advantages"]) for i in mine],
-        old_log_probs=[samples[i].metadata["old_log_probs"] for i in mine],
-        loss_masks=[torch.tensor(samples[i].effective_loss_mask(), dtype=torch.float32) for i in mine],
-    )
-    loss_tokens = torch.tensor(batch.loss_token_counts(), dtype=torch.float32)
-    normalizer = plan.normalizer(loss_config.aggregation)
-    forward, params = megatron_forward(model), [p for p in model.parameters() if p.requires_grad]
-    totals: dict[str, float] = {}
-    for micro_indices in plan.micro_batches[world.dp_rank]:
-        if not micro_indices:  # this rank has fewer samples than the common micro-batch count
-            continue
-        indices = [local[i] for i in micro_indices]
-        micro = build_micro_batch(batch, indices, layout="thd")
-        loss, metrics = micro_batch_loss(
-            forward(micro),
-            micro,
-            indices,
-            loss_config=loss_config,
-            normalizer=normalizer,
-            sample_loss_token_counts=loss_tokens,
+    layout, groups = weight_sync.megatron_layout_and_groups()
+    engine = engine if world.rank == 0 else None
+    if args.rollout_backend == "sglang":  # checkpoint names (per-expert), written to disk for the server
+        buckets = weight_sync.hf_weight_buckets(model, hf_config, layout=layout, groups=groups)
+        state = {name: tensor for bucket in buckets for name, tensor in bucket.items()}
+        if engine is not None:
+            engine.update_weights(state)
+        return
+    config = weight_sync.WeightSyncConfig(fused_experts=True)  # a live transformers-5 MoE holds experts fused
+    deliver = weight_sync.sync_colocated if args.colocate else weight_sync.sync_decoupled
+    deliver(model, engine, hf_config, config=config, layout=layout, groups=groups)
+
+
+def train_rollout(model, optimizer, scheduler, samples, packer, loss_config, args, *, vocab_size) -> dict[str, float]:
+    """``--num-steps-per-rollout`` optimizer steps over the rollout's samples (the same on every rank).
+
+    The old-policy log-probs of every step's samples are computed first, so each step's ratio is to the policy
+    that generated the rollout. Returns the metrics averaged over the steps (``loss``, ``grad_norm``, ...).
+    """
+    from rlkit.parallel.megatron.step import RLBatch, compute_log_probs, megatron_forward, train_step
+
+    forward = megatron_forward(model)
+    size = args.global_batch_size
+    batches = [samples[k * size : (k + 1) * size] for k in range(args.num_steps_per_rollout)]
+    model.eval()
+    for batch in batches:
+        values = compute_log_probs(
+            forward,
+            [torch.tensor(s.tokens) for s in batch],
+            [s.response_length for s in batch],
+            packer=packer,
             vocab_size=vocab_size,
-            temperature=temperature,
+            temperature=args.rollout_temperature,
+            model=model,
         )
-        loss.backward()
-        for name, value in metrics.items():
-            totals[name] = totals.get(name, 0.0) + float(value)
-    if world.dp_size > 1:
-        for p in params:  # one all-reduce per tensor; megatron's DDP buckets and overlaps them
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, group=world.dp_group)
-        names = sorted(totals)
-        summed = torch.tensor([totals[n] for n in names], dtype=torch.float64, device=world.device)
-        dist.all_reduce(summed, group=world.dp_group)
-        totals = dict(zip(names, summed.tolist(), strict=True))
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return totals | {"grad_norm": float(grad_norm), "micro_batches": float(plan.num_micro_batches)}
+        for sample, value in zip(batch, values, strict=True):
+            sample.metadata["old_log_probs"] = value
+    model.train()
+    totals: dict[str, float] = {}
+    for batch in batches:
+        rl_batch = RLBatch(
+            tokens=[torch.tensor(s.tokens) for s in batch],
+            response_lengths=[s.response_length for s in batch],
+            advantages=[torch.tensor(s.metadata["advantages"], dtype=torch.float32) for s in batch],
+            old_log_probs=[s.metadata["old_log_probs"] for s in batch],
+            loss_masks=[torch.tensor(s.effective_loss_mask(), dtype=torch.float32) for s in batch],
+        )
+        result = train_step(model, optimizer, rl_batch, packer=packer, loss_config=loss_config, forward=forward,
+                            vocab_size=vocab_size, max_grad_norm=args.clip_grad,
+                            temperature=args.rollout_temperature)  # fmt: skip
+        scheduler.step()
+        step = result.metrics | {"grad_norm": result.grad_norm, "micro_batches": float(result.num_micro_batches)}
+        for name, value in step.items():
+            totals[name] = totals.get(name, 0.0) + value / len(batches)
+    return totals
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints (rank 0 writes; every data-parallel replica holds the same weights and optimizer state).
+# Checkpoints: one rlkit training state per model-parallel shard, written by the first rank holding it.
 # ----------------------------------------------------------------------------------------------------
 
 
-def save(args, model, optimizer, scheduler, dataset, buffer, history, tokenizer, hf_config, next_rollout_id):
-    loop_state = {
-        "next_rollout_id": next_rollout_id,
-        "scheduler": scheduler.state_dict(),
-        "dataset": dataset.state_dict(),
-        "history": history,
-        "buffer": buffer.state_dict(),
-        "prefetched": None,
-        "prefetched_metrics": None,
-    }
-    path = save_training_state(
-        args.save,
-        step=next_rollout_id,
-        model_state={name: p.detach() for name, p in model.named_parameters()},
-        optimizer_state=optimizer.state_dict(),
-        loop_state=loop_state,
-        rng_state=capture_rng_state(),
-        keep_last=2,
-    )
+def shard_dir(root: str, world: World, num_shards: int) -> Path:
+    """``root`` when one shard holds the whole model (the HF backend's layout), else ``root/pp{p}_tp{t}_ep{e}``."""
+    return Path(root) if num_shards == 1 else Path(root) / "pp{}_tp{}_ep{}".format(*world.shard)
+
+
+def shard_owners(world: World) -> tuple[bool, int]:
+    """Whether this rank writes its shard (the lowest rank holding it), and the number of distinct shards."""
+    shards: list = [None] * world.world_size
+    dist.all_gather_object(shards, world.shard)
+    return shards.index(world.shard) == world.rank, len(set(shards))
+
+
+def save(args, model, optimizer, scheduler, loop, hf_config, tokenizer, world: World, next_rollout_id: int) -> None:
+    """Every shard's weights and AdamW state; rank 0 adds the loop state (``loop``: data, buffer, history) and RNG.
+
+    With ``--save-hf`` every rank takes part in gathering the HF tensors and rank 0 writes them next to its shard.
+    """
+    from rlkit.parallel.megatron import weight_sync
+
+    owner, num_shards = shard_owners(world)
+    path = None
+    if owner:
+        loop_state = {"next_rollout_id": next_rollout_id, "scheduler": scheduler.state_dict()}
+        path = save_training_state(
+            shard_dir(args.save, world, num_shards),
+            step=next_rollout_id,
+            model_state={name: p.detach() for name, p in model.named_parameters()},
+            optimizer_state=optimizer.state_dict(),
+            loop_state=loop_state | (loop or {}),
+            rng_state=capture_rng_state() if world.rank == 0 else None,
+            keep_last=2,
+        )
     if args.save_hf:  # loadable by transformers' from_pretrained: config, tokenizer, safetensors shards
-        writer = SafetensorsWriter(path / "hf")
-        for name, tensor in hf_weights(model, hf_config.to_dict(), fused_experts=False).items():
-            writer.add(name, tensor.cpu())
-        writer.close()
-        hf_config.save_pretrained(path / "hf")
-        tokenizer.save_pretrained(path / "hf")
+        layout, groups = weight_sync.megatron_layout_and_groups()
+        writer = SafetensorsWriter(path / "hf") if world.rank == 0 else None
+        for name, tensor in weight_sync.iter_hf_tensors(model, hf_config, layout=layout, groups=groups):
+            if writer is not None:
+                writer.add(name, tensor.cpu())
+        if writer is not None:
+            writer.close()
+            hf_config.save_pretrained(path / "hf")
+            tokenizer.save_pretrained(path / "hf")
+    dist.barrier()  # a checkpoint counts once every shard is on disk
 
 
-def load(args, model, optimizer):
-    """Every rank loads the weights and optimizer state; rank 0 also the loop state."""
-    state = load_training_state(args.load)
+def load(args, model, optimizer, scheduler, world: World):
+    """This rank's shard: weights, AdamW state and scheduler (rank 0's state also carries the loop state)."""
+    _, num_shards = shard_owners(world)
+    state = load_training_state(shard_dir(args.load, world, num_shards))
     missing, unexpected = model.load_state_dict(state.model_state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]  # megatron's TE-style buffers, no weights
     if missing or unexpected:
         raise SystemExit(f"--load {args.load}: the checkpoint does not match the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]} (was it written by the HF backend?)")  # fmt: skip
+                         f"unexpected {unexpected[:5]} (written by the HF backend, or another layout?)")  # fmt: skip
     optimizer.load_state_dict(state.optimizer_state)
+    scheduler.load_state_dict(state.loop_state["scheduler"])
     return state
 
 
@@ -342,7 +394,7 @@ def main(args: argparse.Namespace) -> None:
     if args.embedded_default:
         say("[rlkit] no --hf-checkpoint: running the EMBEDDED DEFAULT (a tiny Qwen3-architecture model, a char "
             "tokenizer and the bundled single-digit addition set, all built locally)")  # fmt: skip
-    say(f"[rlkit] megatron backend: {world.world_size} process(es), DP{world.dp_size} x TP1 x PP1 x CP1 x EP1, "
+    say(f"[rlkit] megatron backend: {world.world_size} process(es), {world.describe()}, "
         f"{dist.get_backend()} on {world.device.type}")  # fmt: skip
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         say("[rlkit] --sequence-parallel has no effect at TP=1 (megatron-core disables it there too)")
@@ -359,33 +411,33 @@ def main(args: argparse.Namespace) -> None:
             recipe.warm_start_if_needed(args, hf_policy, dataset, tokenizer, score, stops)
     model = megatron_policy(args, world, hf_policy)
     hf_config, vocab_size = hf_policy.config, hf_policy.config.vocab_size
-    fused_experts = args.rollout_backend == "embedded"  # a live transformers-5 MoE holds its experts fused
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.lr_schedule(args))
-    packer, local_packer = recipe.build_packer(args, dp_size=world.dp_size), recipe.build_packer(args)
+    packer = recipe.build_packer(args, dp_size=world.dp_size, cp_size=world.cp_size)
     loss_config = recipe.build_loss_config(args)
     buffer = PartialRolloutBuffer(get_buffer_filter(args.buffer_filter_path))
     start_rollout, history = 0, []
     if args.load:
-        state = load(args, model, optimizer)
-        scheduler.load_state_dict(state.loop_state["scheduler"])
-        start_rollout, history = state.loop_state["next_rollout_id"], state.loop_state["history"]
+        state = load(args, model, optimizer, scheduler, world)
+        start_rollout = state.loop_state["next_rollout_id"]
         if is_main:
+            history = state.loop_state["history"]
             dataset.load_state_dict(state.loop_state["dataset"])
             buffer.load_state_dict(state.loop_state["buffer"])
             restore_rng_state(state.rng_state)
         say(f"[rlkit] resumed from {state.path} at rollout {start_rollout}")
     engine = eval_sets = do_rollout = metrics_file = None
     if is_main:
-        engine = build_engine(args, hf_policy, tokenizer, output_dir)
+        engine = build_engine(args, hf_policy, tokenizer, output_dir, world)
         where = f"its own process (pid {engine.process.pid})" if isinstance(engine, ProcessEngine) else "this process"
         say(f"[rlkit] rollout engine: {type(engine).__name__} in {where}")
-        engine.update_weights(hf_weights(model, hf_config.to_dict(), fused_experts=fused_experts))  # --load
         eval_sets = recipe.build_eval_sets(args, tokenizer, stops)
         do_rollout = recipe.make_rollout_fn(args, engine, dataset, score, stops, buffer)
         metrics_file = open(output_dir / "metrics.jsonl", "a")
+    sync_weights(model, engine, hf_config, args, world)  # the engine starts from the trained weights (--load)
+    if is_main:
         if start_rollout == 0 and eval_sets:
             history.append(recipe.evaluate(engine, eval_sets, score, rollout_id=0))
             say(format_metrics_line(history[-1]))
@@ -400,26 +452,13 @@ def main(args: argparse.Namespace) -> None:
         if world.world_size > 1:
             dist.broadcast_object_list(payload, src=0)  # token ids, rewards, advantages: small next to weights
         samples = payload[0]
-        batches = [
-            samples[k * args.global_batch_size : (k + 1) * args.global_batch_size]
-            for k in range(args.num_steps_per_rollout)
-        ]
-        plans = [packer.pack_samples(batch) for batch in batches]
-        model.eval()
-        for batch, plan in zip(batches, plans, strict=True):  # every step's ratio is against the rollout policy
-            old_log_probs(model, batch, plan, world, local_packer, vocab_size=vocab_size,
-                          temperature=args.rollout_temperature)  # fmt: skip
-        model.train()
-        step_metrics: dict[str, float] = {}
-        for batch, plan in zip(batches, plans, strict=True):
-            metrics = train_on_batch(model, optimizer, batch, plan, world, loss_config, vocab_size=vocab_size,
-                                     temperature=args.rollout_temperature, clip_grad=args.clip_grad)  # fmt: skip
-            for name, value in metrics.items():
-                step_metrics[name] = step_metrics.get(name, 0.0) + value / args.num_steps_per_rollout
-            scheduler.step()
+        step_metrics = train_rollout(model, optimizer, scheduler, samples, packer, loss_config, args,
+                                     vocab_size=vocab_size)  # fmt: skip
+        sync_weights(model, engine, hf_config, args, world)
         if not is_main:
+            if args.save and args.save_interval and (rollout_id + 1) % args.save_interval == 0:
+                save(args, model, optimizer, scheduler, None, hf_config, tokenizer, world, rollout_id + 1)
             continue
-        engine.update_weights(hf_weights(model, hf_config.to_dict(), fused_experts=fused_experts))
         elapsed = time.perf_counter() - t0
         record = recipe.rollout_record(
             rollout_id, groups, samples, rewards, reward_errors, rollout_metrics, step_metrics,
@@ -432,7 +471,9 @@ def main(args: argparse.Namespace) -> None:
         metrics_file.flush()
         say(format_metrics_line(record, keys=STEP_KEYS))
         if args.save and args.save_interval and (rollout_id + 1) % args.save_interval == 0:
-            save(args, model, optimizer, scheduler, dataset, buffer, history, tokenizer, hf_config, rollout_id + 1)
+            loop = {"dataset": dataset.state_dict(), "buffer": buffer.state_dict(), "history": history,
+                    "prefetched": None, "prefetched_metrics": None}  # fmt: skip
+            save(args, model, optimizer, scheduler, loop, hf_config, tokenizer, world, rollout_id + 1)
     if is_main:
         if hasattr(engine, "close"):
             engine.close()

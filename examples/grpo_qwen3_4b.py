@@ -344,8 +344,9 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
     return tuple(sorted(i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id))
 
 
-def build_engine(args, policy, tokenizer, output_dir: Path):
-    """The rollout engine: in this process (--colocate), in its own process, or an SGLang server."""
+def build_engine(args, policy, tokenizer, output_dir: Path, *, engine_device: torch.device | None = None):
+    """The rollout engine: in this process (--colocate), in its own process (on ``engine_device``, default the
+    policy's), or an SGLang server."""
     if args.rollout_backend == "sglang":  # weights reach the server through files it reloads
         config = SGLangClientConfig(urls=(args.sglang_router_url,), server_concurrency=args.sglang_server_concurrency)
         weights_dir = output_dir / "sglang_weights"  # a loadable HF directory: config, tokenizer, weights
@@ -355,7 +356,8 @@ def build_engine(args, policy, tokenizer, output_dir: Path):
     if args.colocate:
         engine_model = copy.deepcopy(policy).eval()  # generation never sees half-updated training weights
         return EmbeddedEngine(engine_model, tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id or 0)
-    if next(policy.parameters()).device.type == "cpu":  # split the cores between trainer and engine
+    engine_device = engine_device or next(policy.parameters()).device
+    if engine_device.type == "cpu":  # split the cores between trainer and engine
         threads = max(1, torch.get_num_threads() // 2)
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the spawned engine process at start
@@ -364,7 +366,7 @@ def build_engine(args, policy, tokenizer, output_dir: Path):
     tokenizer.save_pretrained(export)
     return ProcessEngine(
         "rlkit.rollout.engines.embedded:from_pretrained",
-        {"path": str(export), "device": str(next(policy.parameters()).device)},
+        {"path": str(export), "device": str(engine_device)},
     )
 
 
@@ -507,11 +509,12 @@ def build_scorer(args):
     return make_batch_reward_fn(reward_fn, timeout_s=args.reward_timeout)
 
 
-def build_packer(args, *, dp_size: int = 1) -> DataPacker:
+def build_packer(args, *, dp_size: int = 1, cp_size: int = 1) -> DataPacker:
     """Micro-batches by token budget (``--use-dynamic-batch-size``) or by ``--micro-batch-size``."""
     if args.use_dynamic_batch_size:
-        return DataPacker(dp_size=dp_size, max_tokens_per_gpu=args.max_tokens_per_gpu, balance_data=args.balance_data)
-    return DataPacker(dp_size=dp_size, micro_batch_size=args.micro_batch_size)
+        return DataPacker(dp_size=dp_size, cp_size=cp_size, max_tokens_per_gpu=args.max_tokens_per_gpu,
+                          balance_data=args.balance_data)  # fmt: skip
+    return DataPacker(dp_size=dp_size, cp_size=cp_size, micro_batch_size=args.micro_batch_size)
 
 
 def build_loss_config(args) -> PolicyLossConfig:
