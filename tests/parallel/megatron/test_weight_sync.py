@@ -80,6 +80,14 @@ def test_colocated_qwen3_engine_equals_hf_source(tied):
         assert len(bucket) == 1 or sum(t.numel() * t.element_size() for t in bucket.values()) <= bucket_bytes
 
 
+def test_untied_model_into_tied_engine_is_refused():
+    source = build_tiny_qwen3(seed=3, tie_word_embeddings=False)
+    model = build_gpt_model(source.config, hf_state_dict=source.state_dict())
+    engine = EmbeddedEngine(build_tiny_qwen3(seed=11, tie_word_embeddings=True))
+    with pytest.raises(ValueError, match="lm_head.weight and model.embed_tokens.weight share storage"):
+        sync_colocated(model, engine, source.config)
+
+
 def test_colocated_qwen3_moe_engine_equals_hf_source_with_fused_experts():
     source = _tiny_qwen3_moe(seed=1)
     model = build_gpt_model(source.config, hf_state_dict=source.state_dict())
@@ -174,9 +182,57 @@ def _gather_worker(rank, init_file, cases, results):
             # Rank r is tp rank r (tp=2), ep rank r (ep=2), stage r (pp=2) of the 2-process grid.
             local = shards[(groups.pp_rank, rank if layout.tp == 2 else 0, rank if layout.ep == 2 else 0)]
             out[key] = dict(iter_hf_tensors(local, cfg, layout=layout, groups=groups))
+        out.update(_live_model_parallel_syncs(rank))
         results[rank] = out
     finally:
         dist.destroy_process_group()
+
+
+LIVE_CASES = {  # a live model-parallel GPTModel built by build_gpt_model on the 2 ranks
+    "live_tp2": dict(tensor_model_parallel_size=2),
+    "live_tp2_ep2": dict(tensor_model_parallel_size=2, expert_model_parallel_size=2, expert_tensor_parallel_size=1),
+    "live_pp2": dict(pipeline_model_parallel_size=2),
+}
+
+
+def _live_source(case: str):
+    if case == "live_tp2_ep2":
+        return _tiny_qwen3_moe(seed=9)
+    return build_tiny_qwen3(seed=10, vocab_size=100, tie_word_embeddings=case == "live_pp2").eval()
+
+
+def _live_model_parallel_syncs(rank: int) -> dict:
+    """Sync each live case into an engine of other weights on this rank; the engine's logits and weights."""
+    import warnings
+
+    from megatron.core import parallel_state
+
+    from rlkit.parallel.megatron.model import init_model_parallel
+    from rlkit.parallel.megatron.weight_sync import megatron_layout_and_groups
+
+    warnings.simplefilter("ignore")
+    out = {}
+    for case, sizes in LIVE_CASES.items():
+        init_model_parallel(**sizes)
+        source = _live_source(case)
+        model = build_gpt_model(source.config, hf_state_dict=source.state_dict())
+        layout, groups = megatron_layout_and_groups()
+        if case == "live_pp2":  # each stage emits its own layers
+            out[case] = dict(iter_hf_tensors(model, source.config, layout=layout, groups=groups))
+        else:
+            moe = case.endswith("ep2")
+            other = (
+                _tiny_qwen3_moe(seed=1) if moe else build_tiny_qwen3(seed=1, vocab_size=100, tie_word_embeddings=False)
+            )
+            engine = EmbeddedEngine(other)
+            config = WeightSyncConfig(bucket_bytes=50_000, fused_experts=moe)
+            sync_colocated(model, engine, source.config, config=config, layout=layout, groups=groups)
+            out[case] = (dict(engine.model.state_dict()), _logits(engine.model, _LIVE_IDS))
+        parallel_state.destroy_model_parallel()
+    return out
+
+
+_LIVE_IDS = torch.arange(3, 3 + 2 * 11).reshape(2, 11) % 100
 
 
 def test_tp_ep_etp_pp_gathers_on_two_processes_equal_the_hf_state_dict():
@@ -197,8 +253,18 @@ def test_tp_ep_etp_pp_gathers_on_two_processes_equal_the_hf_state_dict():
         results = mp.Manager().dict()
         mp.spawn(_gather_worker, args=(os.path.join(tmp, "init"), cases, results), nprocs=2, join=True)
         results = dict(results)
+    for case in ("live_tp2", "live_tp2_ep2"):  # every rank's engine holds the HF source's weights and logits
+        source = _live_source(case)
+        for rank in range(2):
+            weights, logits = results[rank][case]
+            assert weights.keys() == source.state_dict().keys()
+            for name, tensor in source.state_dict().items():
+                assert torch.equal(weights[name], tensor), (case, rank, name)
+            torch.testing.assert_close(logits, _logits(source, _LIVE_IDS), rtol=0, atol=1e-6)
+    expected["live_pp2"] = dict(_live_source("live_pp2").state_dict())
+    expected["live_pp2"].pop("lm_head.weight")
     for key, want in expected.items():
-        if key == "dense_pp2":  # each stage emits its own layers; together they are the model
+        if key.endswith("pp2"):  # each stage emits its own layers; together they are the model
             first, last = results[0][key], results[1][key]
             assert not set(first) & set(last)
             assert "model.embed_tokens.weight" in first and "model.norm.weight" in last

@@ -138,9 +138,11 @@ class EmbeddedEngine:
         """
         live = self.model.state_dict(keep_vars=True)
         num_copied = 0
+        written: dict[int, str] = {}  # storage -> the name that wrote it
         with self._lock, torch.no_grad():
             for bucket in buckets:
                 _check_against_live(bucket, live)
+                _check_not_aliased(bucket, live, written)
                 # One multi-tensor launch per bucket instead of one per tensor (launches dominate on GPU).
                 torch._foreach_copy_([live[name] for name in bucket], list(bucket.values()), non_blocking=True)
                 num_copied += len(bucket)
@@ -272,6 +274,20 @@ def _check_against_live(state_dict: Mapping[str, torch.Tensor], live: Mapping[st
             raise ValueError(
                 f"update_weights: {name} has shape {tuple(tensor.shape)}, model expects {tuple(live[name].shape)}"
             )
+
+
+def _check_not_aliased(
+    bucket: Mapping[str, torch.Tensor], live: Mapping[str, torch.Tensor], written: dict[int, str]
+) -> None:
+    # A tied engine (lm_head is embed_tokens) fed an untied model's two tensors would silently keep the last one.
+    for name in bucket:
+        pointer = live[name].data_ptr()
+        if pointer in written:
+            raise ValueError(
+                f"load_weight_buckets: {name} and {written[pointer]} share storage in the engine (tied weights) but "
+                "both were sent; build the engine with the trainer's tie_word_embeddings"
+            )
+        written[pointer] = name
 
 
 def _new_cache(model: torch.nn.Module) -> Any:
