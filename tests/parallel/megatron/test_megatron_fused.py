@@ -11,6 +11,7 @@ from rlkit.parallel.megatron.fused import (
     apply_rotary_reference,
     packed_positions,
     rms_norm,
+    rms_norm_rotary,
     swiglu,
 )
 
@@ -91,6 +92,17 @@ def test_rotary_is_a_complex_rotation_per_channel_pair():
     torch.testing.assert_close(grad, apply_rotary_reference(g, -angles), rtol=1e-12, atol=1e-12)
 
 
+def test_rms_norm_rotary_is_norm_then_rotation():
+    """The fused QK-norm + RoPE equals the float64 norm followed by the complex rotation."""
+    x = torch.randn(9, 1, 4, 16, dtype=torch.float64)
+    w = 1 + 0.1 * torch.randn(16, dtype=torch.float64)
+    angles = _rope_angles(torch.tensor([0, 1, 2, 0, 1, 2, 3, 4, 0]), 16)[:, None, None, :]
+    normed = w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6)
+    z = torch.complex(normed[..., :8], normed[..., 8:]) * torch.exp(1j * angles[..., :8])
+    want = torch.cat((z.real, z.imag), dim=-1)
+    torch.testing.assert_close(rms_norm_rotary(x, w, 1e-6, angles), want, rtol=1e-12, atol=1e-12)
+
+
 def test_fused_functions_refuse_bad_input():
     with pytest.raises(ValueError, match="even head dim"):
         apply_rotary(torch.randn(4, 2, 5), torch.zeros(4, 1, 5))
@@ -137,9 +149,13 @@ def _logits_and_grads(model, forward, micro):
 
 
 @pytest.mark.usefixtures("megatron_world")
-@pytest.mark.parametrize("layout", ["thd", "bshd"])
-def test_fused_spec_equals_stock_local_spec(layout):
-    """Logits and every parameter gradient of the fused spec == megatron's local spec (fp32, same weights)."""
+@pytest.mark.parametrize(("layout", "qk_norm"), [("thd", "fused"), ("bshd", "fused"), ("thd", "torch")])
+def test_fused_spec_equals_stock_local_spec(layout, qk_norm):
+    """Logits and every parameter gradient of the fused spec == megatron's local spec (fp32, same weights).
+
+    ``qk_norm="torch"`` swaps the QK norms back to ``torch.nn.RMSNorm``: RoPE then runs in
+    ``RotarySelfAttention.get_query_key_value_tensors`` instead of inside the norm kernel.
+    """
     pytest.importorskip("megatron.core")
     from rlkit.models.tiny import build_tiny_qwen3
     from rlkit.parallel.layouts import pack_bshd
@@ -154,6 +170,12 @@ def test_fused_spec_equals_stock_local_spec(layout):
     assert isinstance(layer.self_attention, rotary_self_attention_class())
     assert isinstance(layer.mlp, fused_mlp_class())
     assert type(stock.decoder.layers[0].input_layernorm) is torch.nn.RMSNorm
+    if qk_norm == "torch":
+        for fused_layer, stock_layer in zip(fused.decoder.layers, stock.decoder.layers, strict=True):
+            for name in ("q_layernorm", "k_layernorm"):
+                norm = getattr(stock_layer.self_attention, name)
+                setattr(fused_layer.self_attention, name, type(norm)(norm.weight.shape, eps=norm.eps))
+                getattr(fused_layer.self_attention, name).load_state_dict(norm.state_dict())
 
     g = torch.Generator().manual_seed(0)
     samples = [torch.randint(1, 128, (n,), generator=g) for n in (7, 23, 2, 12)]
@@ -201,6 +223,11 @@ def test_compiled_kernels_match_reference_on_gpu():
         }
         angles = _rope_angles(torch.arange(num_tokens) % 300, 128, 1e6).float().cuda()[:, None, None, :]
         cases["rope"] = (lambda x, w, b, a=angles: apply_rotary(x, a, backend=b), (num_tokens, 1, 8, 128), None)
+        cases["qk_norm_rope"] = (
+            lambda x, w, b, a=angles: rms_norm_rotary(x, w, 1e-6, a, backend=b),
+            (num_tokens, 1, 16, 128),
+            128,
+        )
         for name, (fn, shape, wdim) in cases.items():
             x = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
             w = None if wdim is None else (1 + 0.1 * torch.randn(wdim, device="cuda")).bfloat16().requires_grad_(True)

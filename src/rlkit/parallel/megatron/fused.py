@@ -93,6 +93,23 @@ def apply_rotary_reference(x: Tensor, angles: Tensor) -> Tensor:
     return (x32 * torch.cos(angles) + rotated * torch.sin(angles)).to(x.dtype)
 
 
+def rms_norm_rotary_reference(x: Tensor, weight: Tensor, eps: float, angles: Tensor) -> Tensor:
+    """QK-norm then RoPE, as megatron's attention applies them: ``apply_rotary(rms_norm(x, weight, eps), angles)``.
+
+    The norm's output is rounded to ``x.dtype`` before the rotation, exactly as the two functions in a row.
+
+    Args:
+        x: ``[..., H, D]`` query or key heads.
+        weight: ``[D]`` QK-norm weight.
+        eps: added to the mean square.
+        angles: float32 angles broadcastable to ``x`` (see :func:`apply_rotary_reference`).
+
+    Returns:
+        Same shape and dtype as ``x``.
+    """
+    return apply_rotary_reference(rms_norm_reference(x, weight, eps), angles)
+
+
 def packed_positions(cu_seqlens: Tensor, num_tokens: int) -> Tensor:
     """Position of each packed token within its own sequence: ``t - cu_seqlens[seq(t)]``.
 
@@ -166,6 +183,45 @@ def swiglu(x: Tensor, *, backend: Backend = "auto") -> Tensor:
     return _compiled(swiglu_reference)(rows).view(*x.shape[:-1], x.shape[-1] // 2)
 
 
+def _check_rotary(x: Tensor, angles: Tensor) -> None:
+    if x.shape[-1] % 2:
+        raise ValueError(f"rotary embedding needs an even head dim, got {tuple(x.shape)}")
+    if angles.dim() != x.dim() or angles.shape[-2] != 1 or angles.shape[-1] != x.shape[-1]:
+        raise ValueError(
+            f"angles {tuple(angles.shape)} must broadcast to x {tuple(x.shape)} with a size-1 head dim "
+            "([T, 1, D] for THD, [S, 1, 1, D] for padded [S, B, H, D])"
+        )
+
+
+def _rotary_rows(x: Tensor, angles: Tensor) -> tuple[Tensor, Tensor]:
+    """``x`` as ``[N, H, D]`` and ``angles`` as ``[N, 1, D]`` (padded input shares angles over B: expanded)."""
+    heads, dim = x.shape[-2:]
+    rows = x.reshape(-1, heads, dim)
+    row_angles = angles.expand(*x.shape[:-2], 1, dim).reshape(-1, 1, dim)
+    _rows_dynamic(rows, row_angles)
+    return rows, row_angles
+
+
+def rms_norm_rotary(x: Tensor, weight: Tensor, eps: float, angles: Tensor, *, backend: Backend = "auto") -> Tensor:
+    """:func:`rms_norm_rotary_reference` (QK-norm + RoPE), as one fused kernel on CUDA.
+
+    Args:
+        x: ``[..., H, D]``.
+        weight: ``[D]``.
+        eps: added to the mean square.
+        angles: float32, broadcastable to ``x`` with a size-1 head dim.
+        backend: ``"auto"``, ``"torch"`` or ``"compile"``.
+
+    Returns:
+        Same shape and dtype as ``x``.
+    """
+    _check_rotary(x, angles)
+    if not _use_compile(x, backend):
+        return rms_norm_rotary_reference(x, weight, eps, angles)
+    rows, row_angles = _rotary_rows(x, angles)
+    return _compiled(rms_norm_rotary_reference)(rows, weight, eps, row_angles).view(x.shape)
+
+
 def apply_rotary(x: Tensor, angles: Tensor, *, backend: Backend = "auto") -> Tensor:
     """:func:`apply_rotary_reference`, as one fused kernel on CUDA.
 
@@ -177,18 +233,8 @@ def apply_rotary(x: Tensor, angles: Tensor, *, backend: Backend = "auto") -> Ten
     Returns:
         Same shape and dtype as ``x``.
     """
-    if x.shape[-1] % 2:
-        raise ValueError(f"rotary embedding needs an even head dim, got {tuple(x.shape)}")
-    if angles.dim() != x.dim() or angles.shape[-2] != 1 or angles.shape[-1] != x.shape[-1]:
-        raise ValueError(
-            f"angles {tuple(angles.shape)} must broadcast to x {tuple(x.shape)} with a size-1 head dim "
-            "([T, 1, D] for THD, [S, 1, 1, D] for padded [S, B, H, D])"
-        )
+    _check_rotary(x, angles)
     if not _use_compile(x, backend):
         return apply_rotary_reference(x, angles)
-    heads, dim = x.shape[-2:]
-    rows = x.reshape(-1, heads, dim)
-    # Padded [S, B, H, D] input shares angles over B: expand before flattening (a small [S*B, 1, D] copy).
-    row_angles = angles.expand(*x.shape[:-2], 1, dim).reshape(-1, 1, dim)
-    _rows_dynamic(rows, row_angles)
+    rows, row_angles = _rotary_rows(x, angles)
     return _compiled(apply_rotary_reference)(rows, row_angles).view(x.shape)

@@ -6,9 +6,9 @@ for :func:`rlkit.parallel.megatron.attention.packed_core_attention_class` (THD i
 
 * the layer norms and the per-head QK norms: :class:`FusedRMSNorm` (HF's float32 order, one kernel);
 * the dense MLP: ``FusedMLP`` (``linear_fc1 -> swiglu -> linear_fc2``, SwiGLU as one kernel);
-* self-attention: ``RotarySelfAttention`` applies RoPE itself, after the QK norms, as one kernel per
-  query/key with positions computed on the GPU, instead of megatron's unfused per-sequence THD path
-  (which reads ``cu_seqlens`` back to the host twice per layer).
+* self-attention: ``RotarySelfAttention`` applies RoPE itself, fused with the QK norm into one kernel
+  per query/key, with positions computed on the GPU, instead of megatron's unfused per-sequence THD
+  path (which reads ``cu_seqlens`` back to the host twice per layer).
 
 The weights and their names are unchanged, so checkpoints and :mod:`rlkit.ckpt` mappings do not care which
 spec built the model. ``fused=False`` gives megatron-core's stock local modules (the benchmark baseline).
@@ -23,7 +23,7 @@ from torch import Tensor
 
 from rlkit._optional import require
 from rlkit.parallel.megatron.attention import packed_core_attention_class
-from rlkit.parallel.megatron.fused import apply_rotary, packed_positions, rms_norm, swiglu
+from rlkit.parallel.megatron.fused import apply_rotary, packed_positions, rms_norm, rms_norm_rotary, swiglu
 
 
 def gpt_layer_spec(*, num_experts: int | None = None, fused: bool = True):
@@ -58,7 +58,11 @@ class FusedRMSNorm(torch.nn.Module):
     """RMSNorm for megatron's spec (``WrappedTorchNorm``'s constructor), computed by :func:`fused.rms_norm`.
 
     The parameter is ``weight`` ``[D]``, as in ``torch.nn.RMSNorm``, so state dicts are interchangeable.
+    As a QK norm, its ``RotarySelfAttention`` sets ``rotary_angles`` for the duration of a forward; the
+    norm then also applies RoPE in the same kernel (:func:`fused.rms_norm_rotary`).
     """
+
+    rotary_angles: Tensor | None = None
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused_norm_options):
         super().__init__()
@@ -74,6 +78,8 @@ class FusedRMSNorm(torch.nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``[..., D] -> [..., D]``."""
+        if self.rotary_angles is not None:
+            return rms_norm_rotary(x, self.weight, self.eps, self.rotary_angles)
         return rms_norm(x, self.weight, self.eps)
 
 
@@ -127,10 +133,11 @@ def rotary_self_attention_class():
 
         ``forward`` turns megatron's ``rotary_pos_emb`` (``freqs [S_max, 1, 1, D]``, angle of every
         position) into per-token angles (``[T, 1, 1, D]`` gathered at :func:`fused.packed_positions` for
-        THD, the first ``S`` rows for padded input), hides ``rotary_pos_emb`` from the parent and applies
-        the rotation in ``get_query_key_value_tensors``, right after the QK norms, which is where the
-        parent applies it. Cases it does not cover (context parallelism, interleaved or scaled RoPE,
-        inference, padded ``cu_seqlens``, layers without RoPE) run the parent's path unchanged.
+        THD, the first ``S`` rows for padded input) and hides ``rotary_pos_emb`` from the parent. The
+        rotation then happens right after the QK norms, which is where the parent applies it: inside
+        the norms' kernel when both are :class:`FusedRMSNorm`, else in ``get_query_key_value_tensors``.
+        Cases it does not cover (context parallelism, interleaved or scaled RoPE, inference, padded
+        ``cu_seqlens``, layers without RoPE) run the parent's path unchanged.
         """
 
         _rotary_angles: Tensor | None = None
@@ -140,11 +147,20 @@ def rotary_self_attention_class():
             angles = self._angles_or_none(hidden_states, kwargs)
             if angles is None:
                 return super().forward(hidden_states, attention_mask, **kwargs)
-            self._rotary_angles = angles
+            norms = (self.q_layernorm, self.k_layernorm)
+            in_norms = all(isinstance(norm, FusedRMSNorm) for norm in norms)
+            if in_norms:
+                for norm in norms:
+                    norm.rotary_angles = angles
+            else:
+                self._rotary_angles = angles
             try:
                 return super().forward(hidden_states, attention_mask, **{**kwargs, "rotary_pos_emb": None})
             finally:
                 self._rotary_angles = None
+                if in_norms:
+                    for norm in norms:
+                        norm.rotary_angles = None
 
         def get_query_key_value_tensors(self, *args, **kwargs):
             """The parent's ``(query, key, value)`` ``[S, B, H, D]``, with RoPE applied to query and key."""
