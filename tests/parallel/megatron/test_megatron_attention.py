@@ -109,3 +109,24 @@ def test_varlen_matches_reference_on_gpu(dtype):
     g_ref = torch.autograd.grad(ref, (q, k, v), grad)
     for a, b in zip(g_fast, g_ref, strict=True):
         assert float((a.float() - b.float()).abs().max()) < 5e-2 * float(b.float().abs().max()) + 1e-2
+
+
+def test_bottom_right_probe_tells_the_two_alignments_apart(monkeypatch):
+    """The one-off probe run before varlen serves queries shorter than keys, fed both mask alignments."""
+    import torch.nn.functional as F
+
+    from rlkit.parallel.megatron import attention
+
+    def bottom_right(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+        return packed_causal_attention_reference(q, k, v, cu_q, cu_seqlens_k=cu_k, softmax_scale=scale)
+
+    def top_left(q, k, v, cu_q, cu_k, max_q, max_k, scale):  # SDPA's is_causal with Lq < Lk
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True)
+        return out.transpose(0, 1)
+
+    probe = attention._require_bottom_right_causal.__wrapped__
+    monkeypatch.setattr(attention, "_call_varlen", bottom_right)
+    probe(torch.device("cpu"))
+    monkeypatch.setattr(attention, "_call_varlen", top_left)
+    with pytest.raises(RuntimeError, match="aligns its causal mask top-left"):
+        probe(torch.device("cpu"))
