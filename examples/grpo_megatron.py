@@ -44,6 +44,7 @@ import dataclasses
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -63,6 +64,10 @@ from rlkit.metrics import CONSOLE_KEYS, format_metrics_line, plot_history, summa
 from rlkit.rollout.buffer import PartialRolloutBuffer, get_buffer_filter  # noqa: E402
 from rlkit.rollout.engines.embedded import EmbeddedEngine  # noqa: E402
 from rlkit.rollout.engines.process import ProcessEngine  # noqa: E402
+
+# megatron-core announces its pure-torch fallbacks on import when Transformer Engine / Apex are absent (expected)
+warnings.filterwarnings("ignore", "Transformer Engine and Apex are not installed", UserWarning)
+warnings.filterwarnings("ignore", "Apex is not installed", UserWarning)
 
 # Parallel sizes this recipe cannot run above a bound, and why (the others are limited only by the world size).
 MEGATRON_MAX_SIZES = {
@@ -108,6 +113,9 @@ def megatron_problems(args: argparse.Namespace, *, world_size: int) -> list[str]
             f"--recompute-granularity {args.recompute_granularity}: megatron-core's recompute needs CUDA (it saves "
             "the CUDA RNG state); drop the --recompute-* flags on CPU"
         )
+    if args.device:
+        problems.append(f"--device {args.device}: the megatron backend puts each process on its LOCAL_RANK GPU "
+                        "when CUDA is available, else on the CPU; drop --device")  # fmt: skip
     if args.use_distributed_optimizer:
         problems.append(
             "--use-distributed-optimizer: not supported by the megatron backend yet (it steps torch.optim.AdamW, "
@@ -115,8 +123,10 @@ def megatron_problems(args: argparse.Namespace, *, world_size: int) -> list[str]
         )
     if args.optimizer_cpu_offload:
         problems.append(
-            "--optimizer-cpu-offload: not supported by the megatron backend (megatron-core 0.16.1 offloads only "
-            "inside its DistributedOptimizer, with Transformer Engine's or Apex's fused Adam, absent here); drop it"
+            "--optimizer-cpu-offload: not supported by the megatron backend (megatron-core 0.16.1's offload is its "
+            "HybridDeviceOptimizer inside megatron's optimizer wrapper, which this backend does not use, and it builds "
+            "its Adam with FusedAdam-only arguments that torch's AdamW fallback rejects without Transformer Engine / "
+            "Apex); drop it"
         )
     if args.use_kl_loss and args.kl_loss_coef != 0:
         problems.append(

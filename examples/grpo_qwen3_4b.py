@@ -13,13 +13,14 @@ Algorithm (GRPO, Shao et al. 2024, with DAPO's clip-higher, Yu et al. 2025), per
      ``--calculate-per-token-loss``, exact under any micro-batching;
   4. push the new weights to the engine; evaluate every ``--eval-interval``; save every ``--save-interval``.
 
-How it departs from slime's train.py: one process and one device for training (the HF transformers
-backend; the megatron-core backend is a separate module), the rollout engine is rlkit's embedded PyTorch
-engine (in this process with ``--colocate``, in its own process otherwise) or an SGLang server reached over
-HTTP (``--rollout-backend sglang --sglang-router-url URL``). ``--async`` overlaps generation of rollout
-k+1 with training on rollout k (one step off-policy; ``--use-tis`` corrects with truncated importance
-sampling), like slime's train_async.py. Flags that need several devices are rejected with a message, never
-silently ignored.
+How it departs from slime's train.py: the trainer is the HF transformers backend on one process and one
+device (default), or with ``--backend megatron`` megatron-core on 1 or N torchrun processes (TP / SP / CP / EP
+and data parallelism; that half of the loop is examples/grpo_megatron.py, see docs/recipe-megatron.md); the
+rollout engine is rlkit's embedded PyTorch engine (in this process with ``--colocate``, in its own process
+otherwise) or an SGLang server reached over HTTP (``--rollout-backend sglang --sglang-router-url URL``).
+``--async`` overlaps generation of rollout k+1 with training on rollout k (one step off-policy; ``--use-tis``
+corrects with truncated importance sampling), like slime's train_async.py. Flags the chosen backend cannot honour
+are rejected with a message naming them, never silently ignored.
 
 Commands:
   CPU, embedded default (a tiny Qwen3-architecture model and a bundled arithmetic set; ~2.5 min on 2 cores):
@@ -29,6 +30,9 @@ Commands:
           --input-key prompt --label-key label --apply-chat-template --rm-type deepscaler \\
           --rollout-batch-size 32 --n-samples-per-prompt 8 --rollout-max-response-len 8192 \\
           --use-dynamic-batch-size --max-tokens-per-gpu 9216 --eps-clip-high 0.28 --lr 1e-6 --colocate
+  megatron-core backend, 1 process, or 2 (gloo on CPU, NCCL on 2 GPUs; add --tensor-model-parallel-size 2 for TP):
+      python3 examples/grpo_qwen3_4b.py --backend megatron
+      python3 -m torch.distributed.run --nproc-per-node 2 examples/grpo_qwen3_4b.py --backend megatron --colocate
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ from rlkit.rollout.rewards.scoring import count_reward_errors, make_batch_reward
 from rlkit.rollout.sample import Sample, flatten_groups
 
 # ----------------------------------------------------------------------------------------------------
-# 1. Flags (slime's names). Values the HF backend cannot honour are collected and rejected together.
+# 1. Flags (slime's names). Values the chosen backend cannot honour are collected and rejected together.
 # ----------------------------------------------------------------------------------------------------
 
 RECIPE_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
