@@ -16,8 +16,10 @@ This module walks the model one megatron tensor (a *unit* of :mod:`rlkit.ckpt.co
 4. group the tensors into buckets of at most ``bucket_bytes``, so memory beyond the model is bounded by one
    bucket whatever the model size (a tensor larger than a bucket travels alone).
 
-Pipeline stages: every rank emits the units of its own stage (slime does the same: one sender per stage);
-no rank gathers other stages. With PP = 1 every rank yields the whole model, identical on all TP/EP ranks.
+Pipeline stages: given the pipeline group (``SyncGroups.pp``, as :func:`megatron_layout_and_groups` sets it), each
+stage's member broadcasts its units' HF tensors to the other stages, so every rank yields the whole model, identical
+on all ranks (slime instead gives every stage its own sender into the engine). Without it, a rank yields only its own
+stage's units.
 
 Two ways to deliver the buckets, after slime's ``UpdateWeightFromTensor`` / ``UpdateWeightFromDistributed``:
 
@@ -96,13 +98,16 @@ class SyncGroups:
         tp: tensor-parallel group (dense weights, vocabulary).
         ep: expert-parallel group (routed experts are spread over it).
         etp: expert tensor-parallel group (routed experts' weights are cut over it).
-        pp_rank: this rank's pipeline stage; only its units are emitted.
+        pp_rank: this rank's pipeline stage.
+        pp: the pipeline group (ranks in stage order). Given, each stage's tensors are broadcast from the stage's
+            member to the others, so every rank yields the whole model; None: each rank yields its own stage.
     """
 
     tp: Any = None
     ep: Any = None
     etp: Any = None
     pp_rank: int = 0
+    pp: Any = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +138,7 @@ def megatron_layout_and_groups() -> tuple[Layout, SyncGroups]:
         ep=ps.get_expert_model_parallel_group(),
         etp=ps.get_expert_tensor_parallel_group(),
         pp_rank=ps.get_pipeline_model_parallel_rank(),
+        pp=ps.get_pipeline_model_parallel_group() if layout.pp > 1 else None,
     )
     return layout, groups
 
@@ -163,7 +169,9 @@ def _all_gather(tensor: Tensor, group: Any) -> list[Tensor]:
 
 
 def _check_groups(layout: Layout, groups: SyncGroups) -> None:
-    sizes = (("tp", groups.tp, layout.tp), ("ep", groups.ep, layout.ep), ("etp", groups.etp, layout.etp))
+    sizes = [("tp", groups.tp, layout.tp), ("ep", groups.ep, layout.ep), ("etp", groups.etp, layout.etp)]
+    if groups.pp is not None:
+        sizes.append(("pp", groups.pp, layout.pp))
     for name, group, expected in sizes:
         if _size(group) != expected:
             raise ValueError(
@@ -204,11 +212,37 @@ class _ExpertGather:
 
 
 @functools.lru_cache(maxsize=8)
-def _stage_units(family_name: str, cfg_json: str, layout: Layout, has_mtp: bool, pp_rank: int) -> tuple[Unit, ...]:
+def _stage_units(family_name: str, cfg_json: str, layout: Layout, has_mtp: bool, stage: int | None) -> tuple[Unit, ...]:
     # The walk over the mapping table is the same every sync; caching it takes ~15% off the host time.
     cfg = json.loads(cfg_json)
     units = iter_units(FAMILIES[family_name], cfg, layout, mtp=has_mtp, mtp_copies=False)
-    return tuple(u for u in units if not u.replica and u.stage == pp_rank)
+    return tuple(u for u in units if not u.replica and (stage is None or u.stage == stage))
+
+
+# Weights are never FP8 here (FP8 is applied after the gather); the index travels in the broadcast header.
+_STAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_MAX_DIMS = 4
+
+
+def _broadcast_from_stage(tensors: list[Tensor] | None, count: int, src: int, group: Any, device) -> list[Tensor]:
+    """The stage ``src`` (global rank) sends its unit's HF tensors to the rest of the pipeline group.
+
+    Per tensor: a header ``int64 [dtype index, ndim, *shape]`` (padded to 4 dims), then the data.
+    """
+    out = []
+    for i in range(count):
+        header = torch.zeros(2 + _MAX_DIMS, dtype=torch.int64, device=device)
+        if tensors is not None:
+            tensor = tensors[i].contiguous()
+            header[0], header[1] = _STAGE_DTYPES.index(tensor.dtype), tensor.dim()
+            header[2 : 2 + tensor.dim()] = torch.tensor(tensor.shape)
+        dist.broadcast(header, src, group=group)
+        if tensors is None:
+            dtype_index, ndim, *shape = header.tolist()
+            tensor = torch.empty(shape[:ndim], dtype=_STAGE_DTYPES[dtype_index], device=device)
+        dist.broadcast(tensor, src, group=group)
+        out.append(tensor)
+    return out
 
 
 def iter_hf_tensors(
@@ -241,11 +275,20 @@ def iter_hf_tensors(
     family = family_for_config(cfg)
     dims = check_layout(family, cfg, layout)
     local = local_megatron_tensors(model) if isinstance(model, torch.nn.Module) else model
+    device = next(iter(local.values())).device
+    gather_stages = _size(groups.pp) > 1
     has_mtp = any(name.startswith("mtp.layers.") for name in local)
+    if gather_stages:  # only the last stage holds the MTP layers; every stage must walk the same units
+        flag = torch.tensor([int(has_mtp)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=groups.pp)
+        has_mtp = bool(flag.item())
     experts = _ExpertGather(groups, dims.experts // layout.ep if dims.experts else 0)
-    for unit in _stage_units(
-        family.name, json.dumps(cfg, sort_keys=True, default=str), layout, has_mtp, groups.pp_rank
-    ):
+    cfg_json = json.dumps(cfg, sort_keys=True, default=str)
+    for unit in _stage_units(family.name, cfg_json, layout, has_mtp, None if gather_stages else groups.pp_rank):
+        if unit.stage != groups.pp_rank:  # another stage's unit (gather_stages): it broadcasts, we receive
+            src = dist.get_global_rank(groups.pp, unit.stage)
+            yield from zip(unit.hf, _broadcast_from_stage(None, len(unit.hf), src, groups.pp, device), strict=True)
+            continue
         if unit.expert is not None:
             ep_rank = unit.expert // experts.per_rank
             pieces = experts.pieces(unit, local)
@@ -256,7 +299,11 @@ def iter_hf_tensors(
                 (unit.stage, t, 0): {unit.local_name: pieces[t] if pieces else _local(local, unit)}
                 for t in range(layout.tp)
             }
-        yield from zip(unit.hf, hf_tensors_of_unit(unit, shards, dims, layout), strict=True)
+        tensors = hf_tensors_of_unit(unit, shards, dims, layout)
+        if gather_stages:
+            src = dist.get_global_rank(groups.pp, unit.stage)
+            tensors = _broadcast_from_stage(tensors, len(unit.hf), src, groups.pp, device)
+        yield from zip(unit.hf, tensors, strict=True)
 
 
 # --- FP8, fused experts, buckets ------------------------------------------------------------------------------
@@ -447,12 +494,12 @@ def sync_decoupled(
     rank of the model's groups passes ``engine=None`` and only takes part in the gathers.
 
     Raises:
-        ValueError: pipeline parallelism (each stage would need its own sender; not supported yet).
+        ValueError: pp > 1 without ``groups.pp`` (the sender would only have its own stage).
     """
-    if as_layout(layout or Layout()).pp > 1:
+    if as_layout(layout or Layout()).pp > 1 and (groups is None or groups.pp is None):
         raise ValueError(
-            "sync_decoupled with pp>1: each pipeline stage would need its own sender into the engine's group "
-            "(slime's per-stage groups); not supported yet, gather the model with pp=1"
+            "sync_decoupled with pp>1 needs groups.pp (the pipeline group) so that the sender gathers every stage; "
+            "megatron_layout_and_groups() sets it"
         )
     if engine is not None and not hasattr(engine, "update_weights_by_broadcast"):
         raise TypeError(f"{type(engine).__name__} has no update_weights_by_broadcast; pass a ProcessEngine")
