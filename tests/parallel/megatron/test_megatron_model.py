@@ -91,3 +91,20 @@ def test_qwen3_moe_with_dense_layers_is_refused():
     config = hf.config.to_dict() | {"mlp_only_layers": [0]}
     with pytest.raises(ValueError, match="only all-sparse Qwen3-MoE"):
         transformer_config_from_hf(config)
+
+
+def test_model_parallel_setup_errors_are_named():
+    """Layouts that cannot exist on this world, or that the groups contradict, fail before building anything."""
+    from rlkit.parallel.megatron.model import init_model_parallel
+    from rlkit.parallel.plan import ParallelPlan
+
+    with pytest.raises(ValueError, match=r"world size 1 must be divisible by tp\*cp\*pp = 2\*1\*1"):
+        init_model_parallel(tensor_model_parallel_size=2)
+    with pytest.raises(ValueError, match="either plan= or the"):
+        init_model_parallel(ParallelPlan(tp=2), tensor_model_parallel_size=2)
+    with pytest.raises(ValueError, match="vpp=2"):
+        init_model_parallel(ParallelPlan(pp=2, vpp=2))
+    init_model_parallel(ParallelPlan())  # the existing single-rank groups match: no error
+    hf = build_tiny_qwen3(seed=0)
+    with pytest.raises(ValueError, match="sequence_parallel=True needs tensor parallelism"):
+        build_gpt_model(hf.config, sequence_parallel=True)

@@ -19,11 +19,13 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from rlkit.parallel.plan import ParallelPlan  # noqa: E402
+
 WORLD = 2
 VOCAB = 200  # padded to 256 at tp=2: rank 1 holds 72 real and 56 padding columns
 LENGTHS = [7, 9]
 CASES = {
-    "tp2": dict(tensor_model_parallel_size=2),
+    "tp2": dict(plan=ParallelPlan(tp=2)),  # init_model_parallel reads a ParallelPlan too
     "tp2_sp": dict(tensor_model_parallel_size=2),
     "ep2": dict(expert_model_parallel_size=2),
 }
@@ -63,7 +65,10 @@ def _worker(rank: int, init_file: str, results) -> None:
 
     try:
         for case, sizes in CASES.items():
-            init_model_parallel(**sizes)
+            if "plan" in sizes:
+                init_model_parallel(sizes["plan"])
+            else:
+                init_model_parallel(**sizes)
             hf = _hf_model(case)
             model = build_gpt_model(hf.config, hf_state_dict=hf.state_dict(), sequence_parallel=case.endswith("sp"))
             micro = pack_thd(_tokens(), [2, 3], total_multiple=WORLD)  # SP: T divisible by tp
