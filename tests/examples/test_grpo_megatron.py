@@ -179,3 +179,44 @@ def test_hf_export_and_resume(tmp_path, hf_backend):
     assert resumed[1]["prompts"] == uninterrupted[1]["prompts"] and resumed[1]["reward"] == uninterrupted[1]["reward"]
     for key in COMPARED:
         assert resumed[1][key] == pytest.approx(uninterrupted[1][key], rel=1e-6, abs=1e-9), key
+
+
+def _tiny_qwen3_moe_checkpoint(path: pathlib.Path) -> pathlib.Path:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from rlkit.models.tiny import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    config = Qwen3MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=176, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
+        num_experts_per_tok=2, max_position_embeddings=256, tie_word_embeddings=False,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        Qwen3MoeForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_context_parallel_two_processes_equal_the_hf_backend(tmp_path, hf_backend):
+    proc = _run(tmp_path, ["--backend", "megatron", "--colocate", "--context-parallel-size", "2"], nproc=2)
+    assert "megatron backend: 2 process(es), DP1 x TP1 x CP2" in proc.stdout
+    _assert_same_steps(_records(tmp_path), hf_backend[0])
+
+
+@pytest.mark.slow
+def test_expert_parallel_qwen3_moe_two_processes_equal_the_hf_backend(tmp_path):
+    # a user checkpoint (Qwen3-MoE, 8 experts, top-2): EP2 spreads the experts over the two data-parallel ranks;
+    # the weight sync gathers them over EP and fuses them as the live transformers-5 engine model holds them
+    model = _tiny_qwen3_moe_checkpoint(tmp_path / "model")
+    data = ROOT / "src" / "rlkit" / "data" / "arith_train.jsonl"
+    user = ["--hf-checkpoint", str(model), "--prompt-data", str(data), "--apply-chat-template", "--lr", "1e-3",
+            "--colocate"]  # fmt: skip
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "ep2").mkdir()
+    _run(tmp_path / "hf", user)
+    proc = _run(tmp_path / "ep2", [*user, "--backend", "megatron", "--expert-model-parallel-size", "2"], nproc=2)
+    assert "megatron backend: 2 process(es), DP2 x TP1 x CP1 (EP2)" in proc.stdout
+    _assert_same_steps(_records(tmp_path / "ep2"), _records(tmp_path / "hf"))
