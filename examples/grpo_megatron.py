@@ -268,8 +268,10 @@ def sync_weights(model, engine, hf_config, args, world: World) -> None:
     layout, groups = weight_sync.megatron_layout_and_groups()
     engine = engine if world.rank == 0 else None
     if args.rollout_backend == "sglang":  # checkpoint names (per-expert), written to disk for the server
-        buckets = weight_sync.hf_weight_buckets(model, hf_config, layout=layout, groups=groups)
-        state = {name: tensor for bucket in buckets for name, tensor in bucket.items()}
+        state: dict[str, torch.Tensor] = {}
+        for bucket in weight_sync.hf_weight_buckets(model, hf_config, layout=layout, groups=groups):
+            if engine is not None:  # the other ranks only take part in the gathers
+                state.update(bucket)
         if engine is not None:
             engine.update_weights(state)
         return
