@@ -3,7 +3,9 @@
 Rank 0 first runs the single-GPU step in a subprocess (the reference: megatron-core on one GPU, no model
 parallelism), then both ranks run the same step - same random-init weights, same global batch - under each
 layout, and rank 0 prints a table of loss, gradient norm and their relative differences to the reference.
-No optimizer step (the gradients are what the step would apply).
+No optimizer step (the gradients are what the step would apply), except in the ``+distopt`` layouts (CUDA):
+the same step through megatron's DDP + ``DistributedOptimizer`` (and ``--optimizer-cpu-offload``), whose
+own grad norm is compared and whose AdamW update is checked (size ~lr, DP replicas identical).
 
 Tolerance (bf16): a layout passes when ``|loss - ref| / |ref| <= 5e-3`` and the grad-norm difference
 ``<= 2e-2``. Sharding changes only the order of bf16 sums (TP partial products reduced across ranks,
@@ -67,6 +69,16 @@ LAYOUTS = {
     "cp2": ("dense", dict(context_parallel_size=2), False),
     "ep2": ("moe", dict(expert_model_parallel_size=2), False),
 }
+# The same step through megatron's DDP + DistributedOptimizer (AdamW, one update), CUDA only:
+# layout -> (base layout, optimizer_cpu_offload)
+DISTOPT_LAYOUTS = {
+    "dp2+distopt": ("dp2", False),
+    "tp2+distopt": ("tp2", False),
+    "pp2+distopt": ("pp2", False),
+    "ep2+distopt": ("ep2", False),
+    "dp2+distopt+offload": ("dp2", True),
+}
+DISTOPT_LR = 1e-2  # large enough that one update is resolved by bf16 weights (~0.02, ulp ~1e-4)
 TOLERANCE = {"bf16": (5e-3, 2e-2), "fp32": (1e-5, 1e-5)}  # (loss, grad norm) relative
 
 
@@ -104,8 +116,23 @@ def rl_batch(num_samples: int, *, vocab: int, tiny: bool) -> RLBatch:
     return RLBatch(tokens=tokens, response_lengths=responses, advantages=adv, old_log_probs=old)
 
 
-def run_step(kind: str, args, *, sizes: dict, sequence_parallel: bool, budget: int) -> dict:
-    """Build this rank's model under ``sizes`` and run the step; the same numbers on every rank."""
+def run_step(
+    kind: str,
+    args,
+    *,
+    sizes: dict,
+    sequence_parallel: bool,
+    budget: int,
+    distopt: bool = False,
+    offload: bool = False,
+) -> dict:
+    """Build this rank's model under ``sizes`` and run the step; the same numbers on every rank.
+
+    With ``distopt`` the step runs through megatron's DDP + DistributedOptimizer (AdamW, lr 1e-2, one update)
+    and also reports ``update_over_lr`` (mean |weight change| / lr over weights with a gradient: 1 up to bf16
+    rounding, since Adam's first update is ``lr * g / (|g| + eps)``) and ``replica_max_abs_diff`` (the
+    largest weight difference between the two ranks after the update: 0 when DP replicas stayed in sync).
+    """
     from megatron.core import parallel_state
 
     from rlkit.parallel.megatron.model import build_gpt_model, init_model_parallel
@@ -125,22 +152,54 @@ def run_step(kind: str, args, *, sizes: dict, sequence_parallel: bool, budget: i
     )
     vocab = config.vocab_size
     batch = rl_batch(args.num_samples, vocab=vocab, tiny=tiny)
+    optimizer, extra = None, {}
+    if distopt:
+        from rlkit.parallel.megatron.distributed import build_distributed_optimizer
+
+        model, optimizer = build_distributed_optimizer(
+            model, lr=DISTOPT_LR, clip_grad=None, optimizer_cpu_offload=offload
+        )
+        before = [p.detach().float().clone() for p in model.parameters()]
     if args.device == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     out = train_step(
-        model, None, batch, packer=packer, loss_config=PolicyLossConfig(), forward=megatron_forward(model),
+        model, optimizer, batch, packer=packer, loss_config=PolicyLossConfig(), forward=megatron_forward(model),
         vocab_size=vocab, max_grad_norm=None,
     )  # fmt: skip
     if args.device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    del model
+    if distopt:
+        extra = update_checks(model, before)
+    del model, optimizer
     parallel_state.destroy_model_parallel()
     return dict(
         loss=out.loss, grad_norm=out.grad_norm, micro_batches_per_rank=out.num_micro_batches,
-        tokens_per_rank=out.num_tokens, seconds=round(seconds, 3),
+        tokens_per_rank=out.num_tokens, seconds=round(seconds, 3), **extra,
     )  # fmt: skip
+
+
+def update_checks(model, before: list[torch.Tensor]) -> dict:
+    """Mean |weight change| / lr where the gradient is nonzero, and the largest difference between the ranks."""
+    import torch.distributed as dist
+
+    after = [p.detach().float() for p in model.parameters()]
+    moved, count = 0.0, 0
+    for p, a, b in zip(model.parameters(), after, before, strict=True):
+        trained = p.main_grad != 0  # DDP's gradient buffer (reduced on this rank's shard, local elsewhere)
+        moved += float((a - b).abs()[trained].sum())
+        count += int(trained.sum())
+    # Ranks that hold other shards (TP/PP/EP) differ by design: the comparison is meaningful for DP replicas.
+    flat = torch.cat([a.flatten() for a in after])
+    sizes = [torch.zeros((), dtype=torch.long, device=flat.device) for _ in range(2)]
+    dist.all_gather(sizes, torch.tensor(flat.numel(), device=flat.device))
+    diff = float("nan")
+    if int(sizes[0]) == int(sizes[1]):
+        other = [torch.empty_like(flat) for _ in range(2)]
+        dist.all_gather(other, flat)
+        diff = float((other[0] - other[1]).abs().max())
+    return dict(update_over_lr=moved / max(count, 1) / DISTOPT_LR, replica_max_abs_diff=diff)
 
 
 def reference_main(args) -> None:
@@ -169,6 +228,10 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--max-tokens-per-gpu", type=int, default=8192)
     parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument(
+        "--no-distopt", dest="distopt", action="store_false",
+        help="skip the DDP + DistributedOptimizer layouts (CUDA only; never run on cpu)",
+    )  # fmt: skip
     parser.add_argument("--out", default=None, help="JSON results (default: $OUT/megatron_mp_parity.json if set)")
     parser.add_argument("--reference-json", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -205,11 +268,16 @@ def main() -> None:
 
     parallel_state.destroy_model_parallel()
     rows = {}
-    for name in args.layouts.split(","):
-        kind, sizes, sequence_parallel = LAYOUTS[name]
+    names = args.layouts.split(",") + (list(DISTOPT_LAYOUTS) if args.device == "cuda" and args.distopt else [])
+    for name in names:
+        base, offload = DISTOPT_LAYOUTS.get(name, (name, False))
+        kind, sizes, sequence_parallel = LAYOUTS[base]
         try:
             rows[name] = dict(model=kind, **run_step(kind, args, sizes=sizes, sequence_parallel=sequence_parallel,
-                                                     budget=args.max_tokens_per_gpu))  # fmt: skip
+                                                     budget=args.max_tokens_per_gpu, distopt=name in DISTOPT_LAYOUTS,
+                                                     offload=offload))  # fmt: skip
+            if rank == 0:
+                print(f"done {name}: {rows[name]}", file=sys.stderr, flush=True)
         except Exception as error:  # noqa: BLE001 - report the layout that failed, keep measuring the others
             rows[name] = dict(model=kind, error=f"{type(error).__name__}: {error}"[:500])
             if parallel_state.model_parallel_is_initialized():
@@ -224,21 +292,28 @@ def main() -> None:
         )
         for kind in ("dense", "moe")
     }
-    print(f"{'layout':8} {'model':6} {'loss':>12} {'ref loss':>12} {'rel':>9} {'grad norm':>11} {'ref':>11} "
+    print(f"{'layout':20} {'model':6} {'loss':>12} {'ref loss':>12} {'rel':>9} {'grad norm':>11} {'ref':>11} "
           f"{'rel':>9} {'pass':>5}")  # fmt: skip
     for name, row in rows.items():
         ref = reference[row["model"]]
         if "error" in row:
-            print(f"{name:8} {row['model']:6} ERROR {row['error']}")
+            print(f"{name:20} {row['model']:6} ERROR {row['error']}")
             continue
         row.update(
             ref_loss=ref["loss"], ref_grad_norm=ref["grad_norm"], loss_rel=rel(row["loss"], ref["loss"]),
             grad_norm_rel=rel(row["grad_norm"], ref["grad_norm"]),
         )  # fmt: skip
         row["passed"] = row["loss_rel"] <= loss_tol and row["grad_norm_rel"] <= norm_tol
-        print(f"{name:8} {row['model']:6} {row['loss']:12.6f} {ref['loss']:12.6f} {row['loss_rel']:9.2e} "
+        if "update_over_lr" in row:
+            # Adam's first update moves every weight with a non-negligible gradient by ~lr.
+            row["passed"] = row["passed"] and 0.9 < row["update_over_lr"] < 1.1
+            if name.startswith("dp2"):
+                row["passed"] = row["passed"] and row["replica_max_abs_diff"] == 0.0
+        print(f"{name:20} {row['model']:6} {row['loss']:12.6f} {ref['loss']:12.6f} {row['loss_rel']:9.2e} "
               f"{row['grad_norm']:11.5f} {ref['grad_norm']:11.5f} {row['grad_norm_rel']:9.2e} "
-              f"{str(row['passed']):>5}")  # fmt: skip
+              f"{str(row['passed']):>5}"
+              + (f"  update/lr {row['update_over_lr']:.3f} replica diff {row['replica_max_abs_diff']:.1e}"
+                 if "update_over_lr" in row else ""))  # fmt: skip
     for kind, values in noise.items():
         print(f"noise floor ({kind}, single device, half the token budget): loss {values['loss_rel']:.2e}, "
               f"grad norm {values['grad_norm_rel']:.2e}")  # fmt: skip

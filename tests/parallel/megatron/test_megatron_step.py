@@ -219,3 +219,14 @@ def test_no_grad_log_prob_pass_matches_float64_hf(layout):
             logits = hf(input_ids=tokens[None]).logits[0].double()
             expected = torch.log_softmax(logits[-r - 1 : -1], dim=-1).gather(1, tokens[-r:, None])[:, 0]
             torch.testing.assert_close(values.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_distributed_optimizer_is_refused_on_cpu_with_the_reason():
+    from rlkit.parallel.megatron.distributed import build_distributed_optimizer, is_megatron_optimizer
+
+    hf = build_tiny_qwen3(seed=0)
+    model = build_gpt_model(hf.config, hf_state_dict=hf.state_dict())
+    assert not is_megatron_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs the model on CUDA"):
+            build_distributed_optimizer(model, lr=1e-5)

@@ -215,6 +215,106 @@ def max_over_data_parallel(values: Sequence[int]) -> list[int]:
     return [int(v) for v in t.tolist()]
 
 
+# ---- megatron's DDP + DistributedOptimizer (CUDA) -------------------------------------------------------
+
+
+def build_distributed_optimizer(
+    model: torch.nn.Module,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    adam_betas: tuple[float, float] = (0.9, 0.999),
+    adam_eps: float = 1e-8,
+    clip_grad: float | None = 1.0,
+    optimizer_cpu_offload: bool = False,
+    optimizer_offload_fraction: float = 1.0,
+    overlap_cpu_optimizer_d2h_h2d: bool = False,
+    bucket_size: int | None = None,
+):
+    """Wrap this rank's model in megatron's DDP and build megatron's ``DistributedOptimizer`` (AdamW) over it.
+
+    The optimizer state (fp32 master weights, Adam moments) is sharded over the DP ranks (ZeRO-1); gradients
+    live in DDP's fp32 ``main_grad`` buffers and are reduce-scattered over DP. The model must be built with
+    ``calculate_per_token_loss=True`` (:func:`rlkit.parallel.megatron.model.build_gpt_model` does): DDP then
+    *sums* over DP instead of averaging, as rlkit's global-normalizer losses need. Pass both to
+    :func:`rlkit.parallel.megatron.step.train_step`; ``optimizer.step()`` computes the global grad norm (each
+    parameter once) and clips to ``clip_grad``.
+
+    ``optimizer_cpu_offload`` (``--optimizer-cpu-offload``): megatron-core 0.16.1's ``HybridDeviceOptimizer``
+    steps ``optimizer_offload_fraction`` of the sharded state with torch's AdamW on the host. Its
+    ``use_precision_aware_optimizer`` mode cannot be used without Transformer Engine (0.16.1's
+    ``OptimizerConfig`` calls ``is_te_min_version``, which fails when TE is absent), so the fp32 master copy
+    of the shard stays on the GPU and only the moments and the update move to the host.
+
+    Args:
+        model: this rank's megatron module (CUDA).
+        lr: learning rate (constant; schedule it by writing ``param_group["lr"]``).
+        weight_decay: decoupled (AdamW) weight decay.
+        adam_betas: Adam ``(beta1, beta2)``.
+        adam_eps: Adam epsilon.
+        clip_grad: global grad-norm clip (``None``: no clipping).
+        optimizer_cpu_offload: step the optimizer on the CPU (see above).
+        optimizer_offload_fraction: fraction of the state offloaded when ``optimizer_cpu_offload``.
+        overlap_cpu_optimizer_d2h_h2d: overlap the host transfers with the CPU step.
+        bucket_size: DDP gradient bucket size in elements (``None``: megatron's default).
+
+    Returns:
+        ``(ddp_model, optimizer)``.
+
+    Raises:
+        ValueError: on CPU (0.16.1's optimizer checks ``param.type() == "torch.cuda.*Tensor"``), or without
+            ``calculate_per_token_loss``.
+    """
+    from rlkit._optional import require
+
+    require("megatron.core.optimizer", purpose="megatron's DistributedOptimizer")
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
+        raise ValueError(
+            "megatron's DistributedOptimizer needs the model on CUDA (megatron-core 0.16.1 checks for "
+            "torch.cuda tensor types); on the CPU pass a torch.optim optimizer to train_step instead"
+        )
+    config = model.config
+    if not config.calculate_per_token_loss:
+        raise ValueError(
+            "build the model with calculate_per_token_loss=True: otherwise megatron's DDP averages gradients "
+            "over DP, while rlkit's losses carry the global normalizer and need the sum"
+        )
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=True,
+        average_in_collective=False,
+        bucket_size=bucket_size,
+    )
+    ddp_model = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    optimizer_config = OptimizerConfig(
+        optimizer="adam",
+        lr=lr,
+        min_lr=lr,
+        weight_decay=weight_decay,
+        adam_beta1=adam_betas[0],
+        adam_beta2=adam_betas[1],
+        adam_eps=adam_eps,
+        clip_grad=0.0 if clip_grad is None else float(clip_grad),
+        bf16=config.bf16,
+        fp16=config.fp16,
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=True,
+        optimizer_cpu_offload=optimizer_cpu_offload,
+        optimizer_offload_fraction=optimizer_offload_fraction if optimizer_cpu_offload else 0.0,
+        overlap_cpu_optimizer_d2h_h2d=overlap_cpu_optimizer_d2h_h2d,
+    )
+    return ddp_model, get_megatron_optimizer(optimizer_config, [ddp_model])
+
+
+def is_megatron_optimizer(optimizer: Any) -> bool:
+    """Whether ``optimizer`` is one of megatron-core's (``MegatronOptimizer`` or its chained form)."""
+    return type(optimizer).__module__.startswith("megatron.core.optimizer")
+
+
 # ---- CPU: megatron-core's CUDA-only allocations -------------------------------------------------------
 
 

@@ -257,7 +257,8 @@ def megatron_forward(model: Any) -> ForwardFn:
     from megatron.core.packed_seq_params import PackedSeqParams
 
     device = next(model.parameters()).device
-    last_stage = getattr(model, "post_process", True)
+    # megatron's DDP wrapper keeps the GPTModel (and its post_process flag) in .module
+    last_stage = getattr(getattr(model, "module", model), "post_process", True)
 
     def forward(micro: MicroBatch) -> Tensor:
         if isinstance(micro, PackedBatch):
@@ -554,7 +555,9 @@ def train_step(
     Args:
         model: the policy (megatron ``GPTModel`` or HF model), in train mode.
         optimizer: a ``torch.optim`` optimizer over ``model``'s parameters, or ``None`` to stop after the
-            backward, the gradient reduction and the grad norm (gradients are left in ``.grad``).
+            backward, the gradient reduction and the grad norm (gradients are left in ``.grad``); or
+            megatron's ``DistributedOptimizer`` with ``model`` wrapped in megatron's DDP
+            (:func:`rlkit.parallel.megatron.distributed.build_distributed_optimizer`, CUDA).
         batch: the step's samples.
         packer: micro-batch planner; its ``dp_size`` and ``cp_size`` must equal megatron's.
         loss_config: ``rl_loss`` hyper-parameters; ``loss_config.aggregation`` picks the normalizer.
@@ -572,8 +575,20 @@ def train_step(
         A :class:`StepResult` with the global loss, the pre-clip global gradient norm and summed metrics,
         the same on every rank.
     """
+    from rlkit.parallel.megatron.distributed import is_megatron_optimizer
+
     ctx = _context(model)
     _check_packer(packer, ctx, layout)
+    megatron_optimizer = is_megatron_optimizer(optimizer)
+    if megatron_optimizer:
+        clip = getattr(getattr(optimizer, "config", None), "clip_grad", None)
+        if clip is not None and (clip or None) != max_grad_norm:
+            raise ValueError(
+                f"max_grad_norm={max_grad_norm} but the megatron optimizer clips at clip_grad={clip}; "
+                "megatron's optimizer clips inside step(): pass the same value (None for clip_grad=0)"
+            )
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
     counts = batch.loss_token_counts()
     plan: PackPlan = packer.pack([len(t) for t in batch.tokens], loss_token_counts=counts)
     normalizer = plan.normalizer(loss_config.aggregation)
@@ -614,18 +629,30 @@ def train_step(
             loss.backward()
             record(metrics)
     if ctx.is_parallel:
-        from rlkit.parallel.megatron.distributed import finalize_grads, grad_norm, sum_metrics
+        from rlkit.parallel.megatron.distributed import sum_metrics
 
-        finalize_grads(model)
-        norm = grad_norm(params)
         totals = sum_metrics(totals, ctx)
+    if megatron_optimizer:
+        from megatron.core.distributed import finalize_model_grads
+
+        # DDP's reduce-scatter (a sum: calculate_per_token_loss), TP norm and tied-embedding gradients; then
+        # megatron's optimizer computes the global norm, clips, steps its shard and all-gathers the weights.
+        finalize_model_grads([model])
+        _, norm, _ = optimizer.step()
+        norm = torch.tensor(float("nan") if norm is None else float(norm))
     else:
-        norm = _local_grad_norm(params)
-    if max_grad_norm is not None:
-        torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm.to(params[0].device))
-    if optimizer is not None:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if ctx.is_parallel:
+            from rlkit.parallel.megatron.distributed import finalize_grads, grad_norm
+
+            finalize_grads(model)
+            norm = grad_norm(params)
+        else:
+            norm = _local_grad_norm(params)
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, max_grad_norm, norm.to(params[0].device))
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     return StepResult(
         loss=totals.get("loss", 0.0),
         grad_norm=float(norm),
