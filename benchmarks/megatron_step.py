@@ -64,6 +64,8 @@ def _time_steps(model, forward, batch, *, layout: str, budget: int, steps: int, 
     times = []
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    from torch._dynamo.utils import counters
+
     for i in range(steps + 1):
         _sync(device)
         t0 = time.perf_counter()
@@ -71,7 +73,11 @@ def _time_steps(model, forward, batch, *, layout: str, budget: int, steps: int, 
         _sync(device)
         if i:
             times.append(time.perf_counter() - t0)
+        else:
+            graphs_after_warmup = counters["stats"]["unique_graphs"]
         info = dict(micro_batches=res.num_micro_batches, tokens_fed=res.num_tokens, loss=res.loss)
+    # torch.compile work inside the timed steps would be a recompile (a new shape the warm-up did not see).
+    info["graphs_compiled_while_timed"] = counters["stats"]["unique_graphs"] - graphs_after_warmup
     if device == "cuda":
         info["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
     del optimizer

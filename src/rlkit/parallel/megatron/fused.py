@@ -145,8 +145,20 @@ def _use_compile(x: Tensor, backend: Backend) -> bool:
     return backend == "compile" or (backend == "auto" and x.is_cuda)
 
 
-def _rows_dynamic(*tensors: Tensor) -> None:
-    """Dim 0 (tokens) symbolic, every other dim static: one compiled kernel per feature width."""
+# Input signatures whose first compile has been steered (see _rows_dynamic).
+_STEERED: set[tuple] = set()
+
+
+def _rows_dynamic(fn: Callable, *tensors: Tensor) -> None:
+    """Dim 0 (tokens) symbolic, every other dim static: one compiled kernel per feature width.
+
+    Only the first call of a signature needs the marks (they steer that compile; later token counts
+    match its symbolic dim 0), and marking costs ~0.1 ms of host time per tensor, so it happens once.
+    """
+    key = (fn, torch.is_grad_enabled(), *((t.shape[1:], t.dtype, t.device.type, t.requires_grad) for t in tensors))
+    if key in _STEERED:
+        return
+    _STEERED.add(key)
     for t in tensors:
         torch._dynamo.maybe_mark_dynamic(t, 0)
         for dim in range(1, t.dim()):
@@ -168,7 +180,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, *, backend: Backend = "auto"
     if not _use_compile(x, backend):
         return rms_norm_reference(x, weight, eps)
     rows = x.reshape(-1, x.shape[-1])
-    _rows_dynamic(rows)
+    _rows_dynamic(rms_norm_reference, rows)
     return _compiled(rms_norm_reference)(rows, weight, eps).view(x.shape)
 
 
@@ -179,7 +191,7 @@ def swiglu(x: Tensor, *, backend: Backend = "auto") -> Tensor:
     if not _use_compile(x, backend):
         return swiglu_reference(x)
     rows = x.reshape(-1, x.shape[-1])
-    _rows_dynamic(rows)
+    _rows_dynamic(swiglu_reference, rows)
     return _compiled(swiglu_reference)(rows).view(*x.shape[:-1], x.shape[-1] // 2)
 
 
@@ -193,12 +205,12 @@ def _check_rotary(x: Tensor, angles: Tensor) -> None:
         )
 
 
-def _rotary_rows(x: Tensor, angles: Tensor) -> tuple[Tensor, Tensor]:
+def _rotary_rows(fn: Callable, x: Tensor, angles: Tensor) -> tuple[Tensor, Tensor]:
     """``x`` as ``[N, H, D]`` and ``angles`` as ``[N, 1, D]`` (padded input shares angles over B: expanded)."""
     heads, dim = x.shape[-2:]
     rows = x.reshape(-1, heads, dim)
     row_angles = angles.expand(*x.shape[:-2], 1, dim).reshape(-1, 1, dim)
-    _rows_dynamic(rows, row_angles)
+    _rows_dynamic(fn, rows, row_angles)
     return rows, row_angles
 
 
@@ -218,7 +230,7 @@ def rms_norm_rotary(x: Tensor, weight: Tensor, eps: float, angles: Tensor, *, ba
     _check_rotary(x, angles)
     if not _use_compile(x, backend):
         return rms_norm_rotary_reference(x, weight, eps, angles)
-    rows, row_angles = _rotary_rows(x, angles)
+    rows, row_angles = _rotary_rows(rms_norm_rotary_reference, x, angles)
     return _compiled(rms_norm_rotary_reference)(rows, weight, eps, row_angles).view(x.shape)
 
 
@@ -236,5 +248,5 @@ def apply_rotary(x: Tensor, angles: Tensor, *, backend: Backend = "auto") -> Ten
     _check_rotary(x, angles)
     if not _use_compile(x, backend):
         return apply_rotary_reference(x, angles)
-    rows, row_angles = _rotary_rows(x, angles)
+    rows, row_angles = _rotary_rows(apply_rotary_reference, x, angles)
     return _compiled(apply_rotary_reference)(rows, row_angles).view(x.shape)
