@@ -162,6 +162,9 @@ def main() -> None:
     parser.add_argument(
         "--profile", default="", help="write a kernel table of one step of each megatron THD path to PREFIX.<path>.txt"
     )
+    parser.add_argument(
+        "--profile-paths", nargs="+", default=None, help="paths to profile (default: the megatron THD ones in --paths)"
+    )
     parser.add_argument("--out", default="", help="write the rows as JSON here")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -179,7 +182,7 @@ def main() -> None:
     hf = random_hf_model(args.shape, dtype=torch.bfloat16, seed=0, device=args.device)
     configs = [(int(b), r) for b, r in (c.split(":") for c in args.configs)]
     if args.profile and args.device == "cuda":
-        for path in [p for p in args.paths if p.startswith("megatron_thd")]:
+        for path in args.profile_paths or [p for p in args.paths if p.startswith("megatron_thd")]:
             try:
                 model, forward, layout = _build(path, hf, recompute=configs[0][1], device=args.device)
                 report = _profile_one_step(model, forward, batch, layout=layout, budget=configs[0][0])
