@@ -1,6 +1,6 @@
 """Throughput of one GRPO optimizer step: megatron-core THD packed vs padded vs HF transformers, one GPU.
 
-Qwen3-1.7B shape (random init, bf16 weights, fused AdamW on the bf16 parameters, no recompute), a
+Qwen3-1.7B shape (random init, bf16 weights, fused AdamW on the bf16 parameters), a
 synthetic RL batch (48 samples, prompts 64-256, responses 128-2048 tokens, uniform), dynamic micro-batches from
 ``DataPacker(max_tokens_per_gpu=...)``; the same micro-batches go to every path:
 
@@ -14,14 +14,18 @@ synthetic RL batch (48 samples, prompts 64-256, responses 128-2048 tokens, unifo
 tokens/s counts real tokens (padding excluded); MFU = model FLOPs (``megatron_common.train_flops``:
 matmuls + causal attention, forward + backward) / step time / dense BF16 peak. One warm-up step, then
 the median of ``--steps`` timed steps (each: packing, forward, log-probs, loss, backward, grad norm,
-clip, AdamW). ``--configs`` pairs a budget with activation recompute: ``none``; ``full`` (megatron's
+clip, AdamW; the warm-up also compiles the fused kernels, and each row reports
+``graphs_compiled_while_timed``, which is 0 unless a shape forced a recompile). ``--configs`` pairs a
+budget with activation recompute: ``none``; ``full`` (megatron's
 full/uniform/1-layer recompute, HF's gradient checkpointing); or ``blockN`` (megatron recomputes the
 first ``N`` layers of the stack, full/block/N; HF has no partial form and checkpoints every layer).
 Recompute FLOPs are not counted in MFU. ``--profile PREFIX`` writes a kernel table of one step of each
 megatron THD path to ``PREFIX.<path>.txt``; ``--out`` writes every row as JSON.
 
-Command (one GPU): ``PYTHONPATH=src python benchmarks/megatron_step.py --configs 8192:none 16384:block12``
-CPU smoke run: ``PYTHONPATH=src python benchmarks/megatron_step.py --shape tiny --device cpu --num-samples 4``
+Command (one H100, as recorded in ``RESULTS.md``): ``cd benchmarks && PYTHONPATH=../src python megatron_step.py
+--configs 8192:none 16384:none 16384:full`` (at 16384 only the fused megatron THD path fits without recompute;
+the others report ``CUDA OOM`` there). CPU smoke run: ``cd benchmarks && PYTHONPATH=../src python
+megatron_step.py --shape tiny --device cpu --num-samples 2 --steps 1 --configs 1024:none``
 """
 
 from __future__ import annotations
@@ -149,7 +153,7 @@ def main() -> None:
     parser.add_argument(
         "--configs",
         nargs="+",
-        default=["8192:none", "16384:block12"],
+        default=["8192:none", "16384:none", "16384:full"],
         help="max_tokens_per_gpu:recompute pairs; recompute is none, full (megatron full/uniform/1 layer, "
         "HF gradient checkpointing) or blockN (megatron recomputes N layers; HF checkpoints all)",
     )
