@@ -12,7 +12,9 @@ twice per layer). On an H100 those kernels took about 45% of a Qwen3-1.7B step (
 Here each piece is one plain-torch function, the reference and the CPU path, that does its arithmetic
 in float32 and rounds once at the end (HF transformers' ``Qwen3RMSNorm`` order for the norm). On CUDA
 the same function goes through ``torch.compile``: Inductor fuses it into one Triton kernel for the
-forward and one for the backward, which saves only the inputs. The token dimension is marked dynamic
+forward and one or two for the backward, and its partitioner recomputes cheap intermediates in the
+backward instead of saving them (the 1.7B step's peak memory fell from 48.9 to 36.8 GiB). Without
+Triton, ``backend="auto"`` stays eager on CUDA too. The token dimension is marked dynamic
 and the feature dimensions static, so a new micro-batch length reuses the compiled kernels and each
 feature width (hidden 2048, head 128) keeps its own specialised reduction.
 
@@ -139,10 +141,17 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=None)
 
 
+@functools.cache
+def _triton_available() -> bool:
+    from torch.utils._triton import has_triton
+
+    return has_triton()
+
+
 def _use_compile(x: Tensor, backend: Backend) -> bool:
     if backend not in ("auto", "torch", "compile"):
         raise ValueError(f"backend={backend!r}: use 'auto', 'torch' or 'compile'")
-    return backend == "compile" or (backend == "auto" and x.is_cuda)
+    return backend == "compile" or (backend == "auto" and x.is_cuda and _triton_available())
 
 
 # Input signatures whose first compile has been steered (see _rows_dynamic).
@@ -172,7 +181,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, *, backend: Backend = "auto"
         x: ``[..., D]``.
         weight: ``[D]``.
         eps: added to the mean square.
-        backend: ``"auto"`` (compiled on CUDA, eager otherwise), ``"torch"`` (eager), ``"compile"``.
+        backend: ``"auto"`` (compiled on CUDA with Triton, eager otherwise), ``"torch"`` (eager), ``"compile"``.
 
     Returns:
         ``[..., D]``.
