@@ -271,6 +271,13 @@ def build_distributed_optimizer(
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    if optimizer_cpu_offload and model.config.params_dtype == torch.float32:
+        # Seen on an H100: with float32 weights the distributed optimizer hands views of the weights to
+        # HybridDeviceOptimizer, whose host-side torch AdamW rejects them ("can't optimize a non-leaf Tensor").
+        raise ValueError(
+            "optimizer_cpu_offload=True with float32 weights fails in megatron-core 0.16.1 (HybridDeviceOptimizer "
+            "gets non-leaf views of the weights); build the model with params_dtype=torch.bfloat16"
+        )
     if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
         raise ValueError(
             "megatron's DistributedOptimizer needs the model on CUDA (megatron-core 0.16.1 checks for "
