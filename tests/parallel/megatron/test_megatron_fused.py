@@ -245,3 +245,28 @@ def test_compiled_kernels_match_reference_on_gpu():
                 scale = ref.float().abs().max().item()
                 assert diff.max() <= 2e-2 * max(scale, 1.0), report[-1]
     print("\n".join(report))
+
+
+@pytest.mark.slow
+def test_compiled_kernels_reuse_one_graph_per_feature_width():
+    """torch.compile path on the CPU (Inductor C++): new token counts reuse the graph; each width has its own.
+
+    The marks of ``fused._rows_dynamic`` are set on a signature's first call only; this checks that the
+    later, unmarked calls still hit the symbolic-token graph (no recompile) and match the reference.
+    """
+    from torch._dynamo.utils import counters
+
+    from rlkit.parallel.megatron import fused
+
+    torch._dynamo.reset()
+    fused._STEERED.clear()  # forget earlier first calls too, so this test's first call steers its compile
+    before = counters["stats"]["unique_graphs"]
+    # Forward graphs only (no_grad) to keep the CPU compile time down; the backward graph inherits the symbols.
+    with torch.no_grad():
+        for width in (64, 32):
+            w = 1 + torch.rand(width)
+            for num_tokens in (10, 17, 33):
+                x = torch.randn(num_tokens, 1, width)
+                got = rms_norm(x, w, 1e-6, backend="compile")
+                torch.testing.assert_close(got, rms_norm(x, w, 1e-6, backend="torch"))
+    assert counters["stats"]["unique_graphs"] - before == 2  # one per width, whatever the token count
