@@ -252,9 +252,10 @@ def iter_hf_tensors(
     layout: Any = None,
     groups: SyncGroups | None = None,
 ) -> Iterator[tuple[str, Tensor]]:
-    """Yield ``(HF name, tensor)`` for this rank's pipeline stage, gathered over TP / expert-TP / EP groups.
+    """Yield ``(HF name, tensor)`` of the model, gathered over TP / expert-TP / EP (and PP) groups.
 
-    Every rank of a TP/EP group must iterate to the end (the gathers are collectives). Tensors stay on the
+    With ``groups.pp`` every rank yields every stage's tensors (broadcast by the stage holding them); without it,
+    only its own stage's. Every rank of the groups must iterate to the end (collectives inside). Tensors stay on the
     model's device and dtype; many are views of the live parameters (copy them before the next optimizer step
     if they must outlive it).
 
