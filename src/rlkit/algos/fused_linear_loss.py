@@ -56,8 +56,9 @@ are summed over chunks (true for rlkit's weighted-sum metrics)."""
 
 # Tokens per chunk. The [c, V] logits buffer is the only large allocation (c x V x 2 bytes in bf16: 594 MB
 # for 2048 tokens at V = 151,936). Each chunk also costs a fixed ~1 ms on an H100 at Qwen3-4B's shape
-# (loss_fn's ~100 small kernels, grad_W read and re-written, smaller products): measured 1.27-1.28x of
-# the matmul floor with 2048 tokens, 1.40-1.41x with 1024, 2.0x with 512 (benchmarks/RESULTS.md).
+# (two row passes over the buffer, loss_fn's ~100 small kernels, grad_W read and re-written): measured
+# 1.28-1.30x of the matmul floor with 2048 tokens, 1.24-1.25x with 4096, 1.35-1.41x with 1024, ~2x with
+# 512, at 4K-32K tokens (benchmarks/RESULTS.md, 2026-11-23).
 _DEFAULT_TOKEN_CHUNK = 2048
 
 
