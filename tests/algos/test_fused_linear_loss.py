@@ -141,6 +141,14 @@ def test_no_grad_mode_and_frozen_inputs_give_the_loss_only():
     torch.testing.assert_close(out.loss, frozen.loss, rtol=0, atol=0)
 
 
+def test_no_tokens_give_zero_loss_and_gradients():
+    w = torch.randn(9, 4, requires_grad=True)
+    out = fused_loss_from_hidden(torch.randn(0, 4), w, torch.zeros(0, dtype=torch.long), lambda lp, ent, rows: lp.sum())
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and out.log_probs.shape == (0,)
+    assert w.grad is None or (w.grad == 0).all()
+
+
 def test_second_backward_is_refused():
     hidden, weight, tokens, coef = make_problem(12, 4, 9, torch.float32)
     w = weight.clone().requires_grad_()

@@ -184,6 +184,8 @@ def fused_loss_from_hidden(
     grad_weight = None
     if need_weight:
         grad_weight = torch.empty_like(weight, dtype=torch.float32 if grad_weight_fp32 else weight.dtype)
+    if grad_weight is not None and num_tokens == 0:
+        grad_weight.zero_()  # no chunk writes it
     log_probs = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)
     entropy = torch.empty_like(log_probs) if compute_entropy else None
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)

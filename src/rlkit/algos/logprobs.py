@@ -27,8 +27,10 @@ Three variants share this math:
 
 * ``logprobs_and_entropy``: from logits ``[T, V]`` or ``[B, T, V]``.
 * ``logprobs_and_entropy_from_hidden``: from the last hidden states and the output weight, computing
-  ``hidden @ weight.T`` one chunk of tokens at a time (forward, and again in backward), so the full
-  logits never exist (the idea of Liger-Kernel's fused linear cross-entropy, Hsu et al. 2024).
+  ``hidden @ weight.T`` one slice of the vocabulary at a time (forward, and again in backward), so the
+  full logits never exist (the idea of Liger-Kernel's fused linear cross-entropy, Hsu et al. 2024). When
+  the loss is a sum over tokens, ``rlkit.algos.fused_linear_loss.fused_loss_from_hidden`` forms the
+  gradient in the forward instead and saves the recomputed product.
 * ``vocab_parallel_logprobs_and_entropy``: each tensor-parallel rank holds a vocabulary shard of the
   logits (Megatron-LM's vocab-parallel output layer and its ``_VocabParallelCrossEntropy``, Shoeybi et
   al. 2019); the row max and the sums ``sum exp``, ``sum exp * z`` and the chosen logit are reduced
