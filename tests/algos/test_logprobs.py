@@ -282,7 +282,7 @@ def test_cpu_peak_extra_memory_is_o_chunk():
 
 def test_import_is_lean():
     code = (
-        "import sys, rlkit.algos.logprobs, rlkit.algos.kernels\n"
+        "import sys, rlkit.algos.logprobs, rlkit.algos.fused_linear_loss, rlkit.algos.kernels\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('triton', 'transformers', 'rlkit.rollout')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
