@@ -24,9 +24,10 @@ How the work is spread over the processes that ``torch.distributed.run`` launche
 
 Refused by name (``megatron_problems``): pipeline parallelism (one engine would need every stage's weights: the
 sync sends per stage), the distributed optimizer and CPU offload, KL and TIS terms (the megatron step takes no
-reference or rollout log-probs yet), ``--async``. Checkpoints: ``--save`` writes rlkit's atomic training state per
-model-parallel shard (megatron weights, AdamW state; rank 0's also holds the data position and RNG), ``--save-hf``
-an HF export gathered from the shards; megatron-core's native ``torch_dist`` is not used (0.16.1 needs CUDA for it).
+reference or rollout log-probs yet). ``--async`` makes rank 0 generate rollout k+1 while the ranks train on k.
+Checkpoints: ``--save`` writes rlkit's atomic training state per model-parallel shard (megatron weights, AdamW
+state; rank 0's also holds the data position, buffer, the rollout in flight and RNG), ``--save-hf`` an HF export
+gathered from the shards; megatron-core's native ``torch_dist`` is not used (0.16.1 needs CUDA for it).
 
 Commands (the embedded default: a tiny Qwen3 and the bundled addition set):
   1 process (CPU or one GPU):
@@ -40,6 +41,7 @@ Commands (the embedded default: a tiny Qwen3 and the bundled addition set):
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import sys
@@ -64,6 +66,7 @@ from rlkit.metrics import CONSOLE_KEYS, format_metrics_line, plot_history, summa
 from rlkit.rollout.buffer import PartialRolloutBuffer, get_buffer_filter  # noqa: E402
 from rlkit.rollout.engines.embedded import EmbeddedEngine  # noqa: E402
 from rlkit.rollout.engines.process import ProcessEngine  # noqa: E402
+from rlkit.rollout.sample import Sample  # noqa: E402
 
 # megatron-core announces its pure-torch fallbacks on import when Transformer Engine / Apex are absent (expected)
 warnings.filterwarnings("ignore", "Transformer Engine and Apex are not installed", UserWarning)
@@ -139,8 +142,6 @@ def megatron_problems(args: argparse.Namespace, *, world_size: int) -> list[str]
     if args.loss_aggregation == "seq_mean_token_sum_norm":
         problems.append("--loss-aggregation seq_mean_token_sum_norm: not supported by the megatron backend yet; "
                         "use token_mean or sample_mean")  # fmt: skip
-    if args.async_mode:
-        problems.append("--async: not supported by the megatron backend yet; drop it (or use --backend hf)")
     return problems
 
 
@@ -249,6 +250,49 @@ def build_engine(args, hf_policy, tokenizer, output_dir: Path, world: World):
     backend = "nccl" if engine_device.type == "cuda" else "gloo"
     engine.init_weight_group(backend=backend, device=world.device, engine_device=engine_device)
     return engine
+
+
+class Rollouts:
+    """Rank 0's rollouts: made on demand, or with ``--async`` one ahead in a thread while the ranks train.
+
+    The rollout made ahead is generated with the weights before the current step's update (one step
+    off-policy, slime's train_async.py); the weight sync waits for it (the engine's lock).
+    """
+
+    def __init__(self, do_rollout, *, num_rollout: int, async_mode: bool, prefetched=None) -> None:
+        self.do_rollout, self.num_rollout, self.prefetched = do_rollout, num_rollout, prefetched
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1) if async_mode else None
+        self.pending: concurrent.futures.Future | None = None
+
+    def get(self, rollout_id: int):
+        """``(groups, metrics)`` of rollout ``rollout_id``; with ``--async`` starts the next one."""
+        if self.prefetched is not None:  # generated before the checkpoint we resumed from
+            out, self.prefetched = self.prefetched, None
+        else:
+            out = self.pending.result() if self.pending is not None else self.do_rollout(rollout_id)
+        self.pending = None
+        if self.pool and rollout_id + 1 < self.num_rollout:
+            self.pending = self.pool.submit(self.do_rollout, rollout_id + 1)
+        return out
+
+    def in_flight_state(self) -> dict:
+        """The rollout being made ahead (its prompts are taken from the dataset), for a checkpoint."""
+        if self.pending is None:
+            return {"prefetched": None, "prefetched_metrics": None}
+        groups, metrics = self.pending.result()
+        return {"prefetched": [[s.to_dict() for s in g] for g in groups], "prefetched_metrics": metrics}
+
+    @staticmethod
+    def from_state(loop_state: dict):
+        """``(groups, metrics)`` saved by :meth:`in_flight_state`, or ``None``."""
+        if loop_state.get("prefetched") is None:
+            return None
+        groups = [[Sample.from_dict(d) for d in g] for g in loop_state["prefetched"]]
+        return groups, loop_state["prefetched_metrics"]
+
+    def close(self) -> None:
+        if self.pool:
+            self.pool.shutdown(cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -430,7 +474,7 @@ def main(args: argparse.Namespace) -> None:
     packer = recipe.build_packer(args, dp_size=world.dp_size, cp_size=world.cp_size)
     loss_config = recipe.build_loss_config(args)
     buffer = PartialRolloutBuffer(get_buffer_filter(args.buffer_filter_path))
-    start_rollout, history = 0, []
+    start_rollout, history, prefetched = 0, [], None
     if args.load:
         state = load(args, model, optimizer, scheduler, world)
         start_rollout = state.loop_state["next_rollout_id"]
@@ -438,15 +482,17 @@ def main(args: argparse.Namespace) -> None:
             history = state.loop_state["history"]
             dataset.load_state_dict(state.loop_state["dataset"])
             buffer.load_state_dict(state.loop_state["buffer"])
+            prefetched = Rollouts.from_state(state.loop_state)
             restore_rng_state(state.rng_state)
         say(f"[rlkit] resumed from {state.path} at rollout {start_rollout}")
-    engine = eval_sets = do_rollout = metrics_file = None
+    engine = eval_sets = rollouts = metrics_file = None
     if is_main:
         engine = build_engine(args, hf_policy, tokenizer, output_dir, world)
         where = f"its own process (pid {engine.process.pid})" if isinstance(engine, ProcessEngine) else "this process"
         say(f"[rlkit] rollout engine: {type(engine).__name__} in {where}")
         eval_sets = recipe.build_eval_sets(args, tokenizer, stops)
         do_rollout = recipe.make_rollout_fn(args, engine, dataset, score, stops, buffer)
+        rollouts = Rollouts(do_rollout, num_rollout=args.num_rollout, async_mode=args.async_mode, prefetched=prefetched)
         metrics_file = open(output_dir / "metrics.jsonl", "a")
     sync_weights(model, engine, hf_config, args, world)  # the engine starts from the trained weights (--load)
     if is_main:
@@ -458,7 +504,7 @@ def main(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         payload = [None]
         if is_main:
-            groups, rollout_metrics = do_rollout(rollout_id)
+            groups, rollout_metrics = rollouts.get(rollout_id)
             samples, rewards, reward_errors = recipe.graded_samples(args, groups, rollout_id)
             payload = [samples]
         if world.world_size > 1:
@@ -484,9 +530,10 @@ def main(args: argparse.Namespace) -> None:
         say(format_metrics_line(record, keys=STEP_KEYS))
         if args.save and args.save_interval and (rollout_id + 1) % args.save_interval == 0:
             loop = {"dataset": dataset.state_dict(), "buffer": buffer.state_dict(), "history": history,
-                    "prefetched": None, "prefetched_metrics": None}  # fmt: skip
+                    **rollouts.in_flight_state()}  # fmt: skip
             save(args, model, optimizer, scheduler, loop, hf_config, tokenizer, world, rollout_id + 1)
     if is_main:
+        rollouts.close()
         if hasattr(engine, "close"):
             engine.close()
         summary = summarize_history(history)

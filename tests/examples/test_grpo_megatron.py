@@ -71,9 +71,10 @@ def _records(tmp: pathlib.Path) -> dict[int, dict]:
     return {r["rollout_id"]: r for r in map(json.loads, lines) if "reward" in r}
 
 
-def _assert_same_steps(got: dict[int, dict], want: dict[int, dict]) -> None:
-    assert sorted(got) == sorted(want) == [0, 1]
-    for rollout_id, rel in ((0, 1e-5), (1, 1e-4)):
+def _assert_same_steps(got: dict[int, dict], want: dict[int, dict], *, num_rollout: int = 2) -> None:
+    assert sorted(got) == sorted(want) == list(range(num_rollout))
+    for rollout_id in range(num_rollout):
+        rel = 1e-5 if rollout_id == 0 else 1e-4
         a, b = got[rollout_id], want[rollout_id]
         assert a["prompts"] == b["prompts"] and a["reward"] == b["reward"], rollout_id  # the same samples
         for key in COMPARED:
@@ -142,15 +143,15 @@ def test_flags_accepted_and_rejected_per_backend(capsys):
     assert rejected(recipe.build_parser().parse_args(extra), 1) == sorted(extra)
     assert rejected(recipe.build_parser().parse_args([]), 2) == ["torchrun"]
     # what the megatron backend cannot run yet is refused by name, with the reason
-    unsupported = ["--use-distributed-optimizer", "--optimizer-cpu-offload", "--use-tis", "--async",
+    unsupported = ["--use-distributed-optimizer", "--optimizer-cpu-offload", "--use-tis", "--device", "cpu",
                    "--pipeline-model-parallel-size", "2", "--use-kl-loss", "--kl-loss-coef", "0.01"]  # fmt: skip
     got = rejected(recipe.build_parser().parse_args(["--backend", "megatron", *unsupported]), 2)
-    assert got == sorted(["--use-distributed-optimizer", "--optimizer-cpu-offload", "--use-tis", "--async",
+    assert got == sorted(["--use-distributed-optimizer", "--optimizer-cpu-offload", "--use-tis", "--device",
                           "--pipeline-model-parallel-size", "--use-kl-loss"])  # fmt: skip
     assert recipe.backend_problems(recipe.build_parser().parse_args(["--backend", "megatron"]), world_size=2) == []
     with pytest.raises(SystemExit):
-        recipe.parse_args(["--backend", "megatron", "--async"])
-    assert "--async: not supported by the megatron backend yet" in capsys.readouterr().err
+        recipe.parse_args(["--backend", "megatron", "--use-tis"])
+    assert "--use-tis: not supported by the megatron backend yet" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -220,3 +221,19 @@ def test_expert_parallel_qwen3_moe_two_processes_equal_the_hf_backend(tmp_path):
     proc = _run(tmp_path / "ep2", [*user, "--backend", "megatron", "--expert-model-parallel-size", "2"], nproc=2)
     assert "megatron backend: 2 process(es), DP2 x TP1 x CP1 (EP2)" in proc.stdout
     _assert_same_steps(_records(tmp_path / "ep2"), _records(tmp_path / "hf"))
+
+
+@pytest.mark.slow
+def test_async_two_processes_equal_the_hf_backend_async(tmp_path):
+    # --async: rank 0 generates rollout k+1 (with the weights before step k) while both ranks train on k; a
+    # checkpoint after every rollout stores the rollout in flight. The HF backend's --async run is the reference.
+    flags = ["--async", "--num-rollout", "3", "--lr", "1e-3"]
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "dp2").mkdir()
+    _run(tmp_path / "hf", flags)
+    save = ["--save", str(tmp_path / "ckpt"), "--save-interval", "1"]
+    _run(tmp_path / "dp2", [*flags, "--backend", "megatron", *save], nproc=2)
+    _assert_same_steps(_records(tmp_path / "dp2"), _records(tmp_path / "hf"), num_rollout=3)
+    loop_state = json.loads((tmp_path / "ckpt" / "step_00000002" / "loop_state.json").read_text())
+    assert loop_state["prefetched"] is not None  # rollout 2, in flight at the save after rollout 1
+    assert json.loads((tmp_path / "ckpt" / "step_00000003" / "loop_state.json").read_text())["prefetched"] is None
