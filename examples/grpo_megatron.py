@@ -43,7 +43,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import datetime
 import json
+import os
 import sys
 import time
 import warnings
@@ -76,6 +78,10 @@ warnings.filterwarnings("ignore", "Apex is not installed", UserWarning)
 MEGATRON_MAX_SIZES = {
     "pipeline_model": (1, "weight sync into one engine needs every stage's weights; rlkit's sync sends per stage"),
 }
+
+# The other ranks wait in a collective while rank 0 generates and evaluates; NCCL's default of 10 minutes would end
+# a run whose rollout takes longer.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 
 # console line: step, reward, loss, grad norm, tokens/s, then the recipe's other keys
 STEP_KEYS = (("reward", "reward"), ("loss", "loss"), *CONSOLE_KEYS[1:])
@@ -173,6 +179,10 @@ def init_world(args) -> World:
 
     from rlkit.parallel.megatron.model import init_model_parallel
 
+    if "RANK" in os.environ and not dist.is_initialized():  # torchrun: the world group, with a rollout-long timeout
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=COLLECTIVE_TIMEOUT)
     init_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
