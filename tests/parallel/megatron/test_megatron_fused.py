@@ -204,6 +204,21 @@ def test_rotary_attention_falls_back_to_megatron_for_interleaved_rope():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
 
 
+def test_fused_rms_norm_module_marks_sequence_parallel_weights():
+    """megatron's norm convention: under SP the weight is flagged so its gradient is summed over TP."""
+    from types import SimpleNamespace
+
+    from rlkit.parallel.megatron.spec import FusedRMSNorm
+
+    base = dict(normalization="RMSNorm", layernorm_zero_centered_gamma=False, params_dtype=torch.float32)
+    assert FusedRMSNorm(SimpleNamespace(**base, sequence_parallel=True), 8).weight.sequence_parallel
+    assert not FusedRMSNorm(SimpleNamespace(**base, sequence_parallel=False), 8).weight.sequence_parallel
+    with pytest.raises(ValueError, match="zero_centered_gamma"):
+        FusedRMSNorm(SimpleNamespace(**base | dict(layernorm_zero_centered_gamma=True), sequence_parallel=False), 8)
+    with pytest.raises(ValueError, match="normalization='RMSNorm'"):
+        FusedRMSNorm(SimpleNamespace(**base | dict(normalization="LayerNorm"), sequence_parallel=False), 8)
+
+
 # --------------------------------------------------------------------------------------------------
 # GPU: the torch.compile kernels against the eager reference
 # --------------------------------------------------------------------------------------------------

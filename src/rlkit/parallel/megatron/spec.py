@@ -58,8 +58,10 @@ class FusedRMSNorm(torch.nn.Module):
     """RMSNorm for megatron's spec (``WrappedTorchNorm``'s constructor), computed by :func:`fused.rms_norm`.
 
     The parameter is ``weight`` ``[D]``, as in ``torch.nn.RMSNorm``, so state dicts are interchangeable.
-    As a QK norm, its ``RotarySelfAttention`` sets ``rotary_angles`` for the duration of a forward; the
-    norm then also applies RoPE in the same kernel (:func:`fused.rms_norm_rotary`).
+    Under sequence parallelism each rank normalises its own tokens and the weight carries
+    ``sequence_parallel = True`` (megatron's convention for norms: its gradient is summed over TP).
+    As a QK norm, its ``RotarySelfAttention`` sets ``rotary_angles`` for the duration of a forward;
+    the norm then also applies RoPE in the same kernel (:func:`fused.rms_norm_rotary`).
     """
 
     rotary_angles: Tensor | None = None
@@ -68,13 +70,13 @@ class FusedRMSNorm(torch.nn.Module):
         super().__init__()
         if config.normalization != "RMSNorm":
             raise ValueError(f"FusedRMSNorm needs normalization='RMSNorm', got {config.normalization!r}")
-        if config.layernorm_zero_centered_gamma or config.sequence_parallel:
+        if config.layernorm_zero_centered_gamma:
             raise ValueError(
-                "FusedRMSNorm supports neither layernorm_zero_centered_gamma nor sequence_parallel; "
-                "build the spec with fused=False"
+                "FusedRMSNorm does not support layernorm_zero_centered_gamma; build the spec with fused=False"
             )
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
 
     def forward(self, x: Tensor) -> Tensor:
         """``[..., D] -> [..., D]``."""
@@ -136,8 +138,8 @@ def rotary_self_attention_class():
         THD, the first ``S`` rows for padded input) and hides ``rotary_pos_emb`` from the parent. The
         rotation then happens right after the QK norms, which is where the parent applies it: inside
         the norms' kernel when both are :class:`FusedRMSNorm`, else in ``get_query_key_value_tensors``.
-        Cases it does not cover (context parallelism, interleaved or scaled RoPE, inference, padded
-        ``cu_seqlens``, layers without RoPE) run the parent's path unchanged.
+        Cases it does not cover (context or sequence parallelism, interleaved or scaled RoPE, inference,
+        padded ``cu_seqlens``, layers without RoPE) run the parent's path unchanged.
         """
 
         _rotary_angles: Tensor | None = None
@@ -184,6 +186,8 @@ def rotary_self_attention_class():
                 or (config.no_rope_freq and config.no_rope_freq[self.layer_number - 1])
                 or attention._yarn_get_concentration_factor_from_config(config) != 1.0
                 or self.pg_collection.cp.size() != 1
+                # Under SP hidden_states hold this rank's slice of the tokens, not the query's T.
+                or config.sequence_parallel
             ):
                 return None
             if packed is None:
