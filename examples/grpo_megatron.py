@@ -125,17 +125,17 @@ def megatron_problems(args: argparse.Namespace, *, world_size: int) -> list[str]
     if args.device:
         problems.append(f"--device {args.device}: the megatron backend puts each process on its LOCAL_RANK GPU "
                         "when CUDA is available, else on the CPU; drop --device")  # fmt: skip
-    if args.use_distributed_optimizer:
+    if (args.use_distributed_optimizer or args.optimizer_cpu_offload) and not torch.cuda.is_available():
         problems.append(
-            "--use-distributed-optimizer: not supported by the megatron backend yet (it steps torch.optim.AdamW, "
-            "replicated on every data-parallel rank); drop the flag"
+            "--use-distributed-optimizer / --optimizer-cpu-offload: megatron-core's DistributedOptimizer needs CUDA "
+            "(0.16.1 checks for torch.cuda tensors); drop them on CPU, where AdamW is replicated on every rank"
         )
-    if args.optimizer_cpu_offload:
+    if args.optimizer_cpu_offload and not args.use_distributed_optimizer:
+        problems.append("--optimizer-cpu-offload needs --use-distributed-optimizer (as in Megatron-LM)")
+    if args.use_distributed_optimizer and (args.save or args.load):
         problems.append(
-            "--optimizer-cpu-offload: not supported by the megatron backend (megatron-core 0.16.1's offload is its "
-            "HybridDeviceOptimizer inside megatron's optimizer wrapper, which this backend does not use, and it builds "
-            "its Adam with FusedAdam-only arguments that torch's AdamW fallback rejects without Transformer Engine / "
-            "Apex); drop it"
+            "--use-distributed-optimizer with --save / --load: this recipe does not checkpoint the sharded optimizer "
+            "state yet; drop one (the weights alone: --save-hf from a run without --use-distributed-optimizer)"
         )
     if args.use_kl_loss and args.kl_loss_coef != 0:
         problems.append(
@@ -236,6 +236,51 @@ def megatron_policy(args, world: World, hf_policy):
         **recompute,
     )
     return model.train()
+
+
+class ParamGroupLR:
+    """``LambdaLR``'s interface for megatron's optimizer, which reads the lr from its ``param_groups``."""
+
+    def __init__(self, optimizer, base_lr: float, factor) -> None:
+        self.optimizer, self.base_lr, self.factor, self.num_steps = optimizer, base_lr, factor, 0
+        self._apply()
+
+    def _apply(self) -> None:
+        self.lr = self.base_lr * self.factor(self.num_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+
+    def step(self) -> None:
+        self.num_steps += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [self.lr]
+
+    def state_dict(self) -> dict:
+        return {"num_steps": self.num_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.num_steps = state["num_steps"]
+        self._apply()
+
+
+def build_optimizer(args, model):
+    """``(module to train, optimizer, lr schedule)``: AdamW on every rank's part of the model (replicated over DP),
+    or with ``--use-distributed-optimizer`` megatron's DDP and DistributedOptimizer (fp32 master weights and Adam
+    state sharded over DP; ``--optimizer-cpu-offload`` steps them on the host), CUDA only."""
+    factor = recipe.lr_schedule(args)
+    betas = (args.adam_beta1, args.adam_beta2)
+    if not args.use_distributed_optimizer:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=betas, weight_decay=args.weight_decay)
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    from rlkit.parallel.megatron.distributed import build_distributed_optimizer
+
+    ddp_model, optimizer = build_distributed_optimizer(
+        model, lr=args.lr, weight_decay=args.weight_decay, adam_betas=betas, clip_grad=args.clip_grad,
+        optimizer_cpu_offload=args.optimizer_cpu_offload,
+    )  # fmt: skip
+    return ddp_model, optimizer, ParamGroupLR(optimizer, args.lr, factor)
 
 
 def build_engine(args, hf_policy, tokenizer, output_dir: Path, world: World):
@@ -477,10 +522,7 @@ def main(args: argparse.Namespace) -> None:
             recipe.warm_start_if_needed(args, hf_policy, dataset, tokenizer, score, stops)
     model = megatron_policy(args, world, hf_policy)
     hf_config, vocab_size = hf_policy.config, hf_policy.config.vocab_size
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, recipe.lr_schedule(args))
+    trained, optimizer, scheduler = build_optimizer(args, model)  # trained: the model, or megatron's DDP around it
     packer = recipe.build_packer(args, dp_size=world.dp_size, cp_size=world.cp_size)
     loss_config = recipe.build_loss_config(args)
     buffer = PartialRolloutBuffer(get_buffer_filter(args.buffer_filter_path))
@@ -520,7 +562,7 @@ def main(args: argparse.Namespace) -> None:
         if world.world_size > 1:
             dist.broadcast_object_list(payload, src=0)  # token ids, rewards, advantages: small next to weights
         samples = payload[0]
-        step_metrics = train_rollout(model, optimizer, scheduler, samples, packer, loss_config, args,
+        step_metrics = train_rollout(trained, optimizer, scheduler, samples, packer, loss_config, args,
                                      vocab_size=vocab_size)  # fmt: skip
         sync_weights(model, engine, hf_config, args, world)
         if not is_main:

@@ -143,11 +143,15 @@ def test_flags_accepted_and_rejected_per_backend(capsys):
     assert rejected(recipe.build_parser().parse_args(extra), 1) == sorted(extra)
     assert rejected(recipe.build_parser().parse_args([]), 2) == ["torchrun"]
     # what the megatron backend cannot run yet is refused by name, with the reason
-    unsupported = ["--use-distributed-optimizer", "--optimizer-cpu-offload", "--use-tis", "--device", "cpu",
-                   "--pipeline-model-parallel-size", "2", "--use-kl-loss", "--kl-loss-coef", "0.01"]  # fmt: skip
+    unsupported = ["--use-tis", "--device", "cpu", "--pipeline-model-parallel-size", "2", "--use-kl-loss",
+                   "--kl-loss-coef", "0.01", "--optimizer-cpu-offload"]  # fmt: skip
     got = rejected(recipe.build_parser().parse_args(["--backend", "megatron", *unsupported]), 2)
-    assert got == sorted(["--use-distributed-optimizer", "--optimizer-cpu-offload", "--use-tis", "--device",
-                          "--pipeline-model-parallel-size", "--use-kl-loss"])  # fmt: skip
+    # megatron's DistributedOptimizer (and its CPU offload) needs CUDA; offload needs the distributed optimizer
+    on_cpu = [] if torch.cuda.is_available() else ["--use-distributed-optimizer"]
+    assert got == sorted(["--use-tis", "--device", "--pipeline-model-parallel-size", "--use-kl-loss",
+                          "--optimizer-cpu-offload", *on_cpu])  # fmt: skip
+    distributed = ["--backend", "megatron", "--use-distributed-optimizer", "--save", "ckpt"]
+    assert "--use-distributed-optimizer" in rejected(recipe.build_parser().parse_args(distributed), 2)
     assert recipe.backend_problems(recipe.build_parser().parse_args(["--backend", "megatron"]), world_size=2) == []
     with pytest.raises(SystemExit):
         recipe.parse_args(["--backend", "megatron", "--use-tis"])
