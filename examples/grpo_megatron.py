@@ -16,15 +16,17 @@ How the work is spread over the processes that ``torch.distributed.run`` launche
   * every rank then runs ``rlkit.parallel.megatron.step`` on the whole global batch: one ``DataPacker`` plan gives
     each data-parallel rank its share, the old-policy log-probs come from a no-grad pass (``compute_log_probs``),
     and ``train_step`` sums the ranks' gradients of the global-normalizer loss (exactly the one-process gradient),
-    clips by the global norm and steps AdamW on every rank's part of the model;
+    clips by the global norm and steps AdamW on every rank's part of the model (megatron's DistributedOptimizer
+    over megatron's DDP with ``--use-distributed-optimizer``, CUDA);
   * after the optimizer steps of a rollout, the weights go to the engine under HF names in bounded buckets
     (``rlkit.parallel.megatron.weight_sync``, TP / EP shards gathered): copied in place into a colocated engine,
     broadcast (NCCL / gloo) into a decoupled one, which on CUDA takes the first GPU after the trainers', or written
     to disk for SGLang.
 
 Refused by name (``megatron_problems``): pipeline parallelism (one engine would need every stage's weights: the
-sync sends per stage), the distributed optimizer and CPU offload, KL and TIS terms (the megatron step takes no
-reference or rollout log-probs yet). ``--async`` makes rank 0 generate rollout k+1 while the ranks train on k.
+sync sends per stage), KL and TIS terms (the megatron step takes no reference or rollout log-probs yet), the
+distributed optimizer on CPU or with checkpoints. ``--async`` makes rank 0 generate rollout k+1 while the ranks
+train on k.
 Checkpoints: ``--save`` writes rlkit's atomic training state per model-parallel shard (megatron weights, AdamW
 state; rank 0's also holds the data position, buffer, the rollout in flight and RNG), ``--save-hf`` an HF export
 gathered from the shards; megatron-core's native ``torch_dist`` is not used (0.16.1 needs CUDA for it).
