@@ -1,4 +1,4 @@
-"""The GRPO train step under TP2, TP2+SP, DP2, PP2, EP2 and CP2 (2 gloo processes) reproduces the single-process step.
+"""The GRPO step under TP2, TP2+SP, DP2, PP2, EP2, CP2, MoE PP2 and MoE TP2+SP (2 gloo ranks) == one process.
 
 Reference: HF transformers' unsharded model running the same step on one process (``hf_forward``, padded
 micro-batches, its own packing) - independent of megatron, and the single-process megatron step equals it
@@ -42,6 +42,10 @@ CASES = {
     "pp2": (dict(pipeline_model_parallel_size=2), False, False, 1, Layout(pp=2)),
     "ep2": (dict(expert_model_parallel_size=2), False, True, 2, Layout(ep=2)),
     "cp2": (dict(context_parallel_size=2), False, False, 1, Layout()),
+    # MoE under PP: one padded micro-batch length (megatron refuses variable lengths with allgather dispatch)
+    "pp2_moe": (dict(pipeline_model_parallel_size=2), False, True, 1, Layout(pp=2)),
+    # MoE under TP + SP: experts split over TP (expert TP = TP)
+    "tp2_sp_moe": (dict(tensor_model_parallel_size=2), True, True, 1, Layout(tp=2, etp=2)),
 }
 LOSS = PolicyLossConfig(aggregation="token_mean")
 
