@@ -135,7 +135,7 @@ def fused_loss_from_hidden(
     holds them; row math is float32. ``grad_hidden`` of a chunk is one product over the whole vocabulary
     (float32 accumulation inside, one rounding). ``grad_W`` sums ``ceil(T / chunk_size)`` products: in the
     weight's dtype by default (one rounding per chunk), in float32 with ``grad_weight_fp32`` (one
-    rounding at the end, ``4 |W|/2`` bytes more memory for a bf16 weight).
+    rounding at the end; the float32 accumulator costs ``4 V H`` bytes more memory).
 
     Args:
         hidden: ``[T, H]`` last hidden states (after the final norm), float32/bfloat16/float16.
