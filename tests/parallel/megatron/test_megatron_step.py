@@ -259,33 +259,10 @@ def test_distributed_optimizer_step_equals_plain_adamw_on_gpu():
         assert float((reference - start).abs().max()) > 5e-4, name
 
 
-@pytest.mark.gpu
-def test_optimizer_cpu_offload_equals_the_gpu_distributed_optimizer():
-    """bf16 weights: the CPU-offloaded AdamW step (HybridDeviceOptimizer) == the all-GPU DistributedOptimizer step."""
-    from rlkit.parallel.megatron.distributed import build_distributed_optimizer
-
-    hf = build_tiny_qwen3(seed=7)
-    batch = _batch(seed=1)
-    kwargs = dict(
-        packer=DataPacker(max_tokens_per_gpu=40), loss_config=PolicyLossConfig(), vocab_size=VOCAB, max_grad_norm=1.0
-    )
-    models, results = {}, {}
-    for offload in (False, True):
-        model = build_gpt_model(hf.config, hf_state_dict=hf.state_dict(), params_dtype=torch.bfloat16, device="cuda")
-        ddp, optimizer = build_distributed_optimizer(model, lr=1e-3, clip_grad=1.0, optimizer_cpu_offload=offload)
-        results[offload] = train_step(ddp, optimizer, batch, forward=megatron_forward(ddp), **kwargs)
-        models[offload] = model
-    assert results[True].loss == results[False].loss
-    assert results[True].grad_norm == pytest.approx(results[False].grad_norm, rel=1e-4)
-    for (name, a), (_, b) in zip(models[True].named_parameters(), models[False].named_parameters(), strict=True):
-        # fp32 master weights stepped by torch's AdamW on the host vs on the GPU, then cast to bf16
-        torch.testing.assert_close(a, b, rtol=0, atol=float(b.abs().max()) * 2**-7, msg=name)
-
-
-def test_optimizer_cpu_offload_refuses_float32_weights():
+def test_optimizer_cpu_offload_is_refused_with_the_reason():
     from rlkit.parallel.megatron.distributed import build_distributed_optimizer
 
     hf = build_tiny_qwen3(seed=0)
     model = build_gpt_model(hf.config, hf_state_dict=hf.state_dict())
-    with pytest.raises(ValueError, match="float32 weights"):
+    with pytest.raises(ValueError, match="HybridDeviceOptimizer did not reproduce"):
         build_distributed_optimizer(model, lr=1e-5, optimizer_cpu_offload=True)

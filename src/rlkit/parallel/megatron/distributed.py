@@ -227,8 +227,6 @@ def build_distributed_optimizer(
     adam_eps: float = 1e-8,
     clip_grad: float | None = 1.0,
     optimizer_cpu_offload: bool = False,
-    optimizer_offload_fraction: float = 1.0,
-    overlap_cpu_optimizer_d2h_h2d: bool = False,
     bucket_size: int | None = None,
 ):
     """Wrap this rank's model in megatron's DDP and build megatron's ``DistributedOptimizer`` (AdamW) over it.
@@ -240,11 +238,12 @@ def build_distributed_optimizer(
     :func:`rlkit.parallel.megatron.step.train_step`; ``optimizer.step()`` computes the global grad norm (each
     parameter once) and clips to ``clip_grad``.
 
-    ``optimizer_cpu_offload`` (``--optimizer-cpu-offload``): megatron-core 0.16.1's ``HybridDeviceOptimizer``
-    steps ``optimizer_offload_fraction`` of the sharded state with torch's AdamW on the host. Its
-    ``use_precision_aware_optimizer`` mode cannot be used without Transformer Engine (0.16.1's
-    ``OptimizerConfig`` calls ``is_te_min_version``, which fails when TE is absent), so the fp32 master copy
-    of the shard stays on the GPU and only the moments and the update move to the host.
+    ``optimizer_cpu_offload`` (``--optimizer-cpu-offload``) is refused: megatron-core 0.16.1's
+    ``HybridDeviceOptimizer`` (the host-side Adam behind it) did not reproduce the on-GPU ``DistributedOptimizer``
+    step in rlkit's GPU test on an H100 with bfloat16 weights, and fails outright with float32 weights (its
+    torch AdamW gets non-leaf views of the weights: "can't optimize a non-leaf Tensor"); its
+    ``use_precision_aware_optimizer`` mode needs Transformer Engine (0.16.1's ``OptimizerConfig`` calls
+    ``is_te_min_version``). :mod:`rlkit.parallel.memory` still sizes a CPU-Adam layout for planning.
 
     Args:
         model: this rank's megatron module (CUDA).
@@ -253,17 +252,15 @@ def build_distributed_optimizer(
         adam_betas: Adam ``(beta1, beta2)``.
         adam_eps: Adam epsilon.
         clip_grad: global grad-norm clip (``None``: no clipping).
-        optimizer_cpu_offload: step the optimizer on the CPU (see above).
-        optimizer_offload_fraction: fraction of the state offloaded when ``optimizer_cpu_offload``.
-        overlap_cpu_optimizer_d2h_h2d: overlap the host transfers with the CPU step.
+        optimizer_cpu_offload: must be ``False`` (see above).
         bucket_size: DDP gradient bucket size in elements (``None``: megatron's default).
 
     Returns:
         ``(ddp_model, optimizer)``.
 
     Raises:
-        ValueError: on CPU (0.16.1's optimizer checks ``param.type() == "torch.cuda.*Tensor"``), or without
-            ``calculate_per_token_loss``.
+        ValueError: with ``optimizer_cpu_offload``, on CPU (0.16.1's optimizer checks ``param.type() ==
+            "torch.cuda.*Tensor"``), or without ``calculate_per_token_loss``.
     """
     from rlkit._optional import require
 
@@ -271,12 +268,11 @@ def build_distributed_optimizer(
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    if optimizer_cpu_offload and model.config.params_dtype == torch.float32:
-        # Seen on an H100: with float32 weights the distributed optimizer hands views of the weights to
-        # HybridDeviceOptimizer, whose host-side torch AdamW rejects them ("can't optimize a non-leaf Tensor").
+    if optimizer_cpu_offload:
         raise ValueError(
-            "optimizer_cpu_offload=True with float32 weights fails in megatron-core 0.16.1 (HybridDeviceOptimizer "
-            "gets non-leaf views of the weights); build the model with params_dtype=torch.bfloat16"
+            "optimizer_cpu_offload=True is not supported: megatron-core 0.16.1's HybridDeviceOptimizer did not "
+            "reproduce the on-GPU DistributedOptimizer step in rlkit's GPU test (bf16 weights, H100) and rejects "
+            "float32 weights; use the on-GPU distributed optimizer (optimizer_cpu_offload=False)"
         )
     if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
         raise ValueError(
@@ -310,9 +306,6 @@ def build_distributed_optimizer(
         fp16=config.fp16,
         params_dtype=config.params_dtype,
         use_distributed_optimizer=True,
-        optimizer_cpu_offload=optimizer_cpu_offload,
-        optimizer_offload_fraction=optimizer_offload_fraction if optimizer_cpu_offload else 0.0,
-        overlap_cpu_optimizer_d2h_h2d=overlap_cpu_optimizer_d2h_h2d,
     )
     return ddp_model, get_megatron_optimizer(optimizer_config, [ddp_model])
 

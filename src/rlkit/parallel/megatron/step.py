@@ -256,7 +256,8 @@ def host_to_device(x: Tensor, device: torch.device | str) -> Tensor:
     device = torch.device(device)
     if device.type != "cuda" or x.device.type != "cpu":
         return x.to(device)
-    return x.pin_memory().to(device, non_blocking=True)
+    # contiguous(): pin_memory keeps an expanded view's zero strides, and the device copy would too.
+    return x.contiguous().pin_memory().to(device, non_blocking=True)
 
 
 def micro_batch_to_device(micro: MicroBatch, device: torch.device | str) -> MicroBatch:
