@@ -36,6 +36,7 @@ from torch import Tensor
 from rlkit.algos.logprobs import (
     IGNORE_INDEX,
     Backend,
+    _check_hidden_inputs,
     _check_temperature,
     _check_tokens,
     _default_chunk_size,
@@ -154,18 +155,7 @@ def fused_loss_from_hidden(
         ``FusedLossOutput(loss, metrics, log_probs, entropy)``; only ``loss`` is differentiable.
     """
     _check_temperature(temperature)
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"hidden must be [T, H] and weight [V, H] with the same H; got {tuple(hidden.shape)} and "
-            f"{tuple(weight.shape)} (flatten [B, T, H] to [B*T, H] first)"
-        )
-    if tokens.shape != hidden.shape[:1]:
-        raise ValueError(f"tokens must be [T]={tuple(hidden.shape[:1])}, got {tuple(tokens.shape)}")
-    if hidden.dtype != weight.dtype or hidden.device != weight.device:
-        raise ValueError(
-            f"hidden ({hidden.dtype}, {hidden.device}) and weight ({weight.dtype}, {weight.device}) must share "
-            "dtype and device; cast one of them"
-        )
+    _check_hidden_inputs(hidden, weight, tokens)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1 (tokens per chunk), or None for 2048")
     num_tokens, vocab_size = hidden.shape[0], weight.shape[0]

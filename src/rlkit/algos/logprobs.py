@@ -86,6 +86,22 @@ def _check_tokens(tokens: Tensor, vocab_lo: int, vocab_hi: int, ignore_index: in
         )
 
 
+def _check_hidden_inputs(hidden: Tensor, weight: Tensor, tokens: Tensor) -> None:
+    """``hidden [T, H]``, ``weight [V, H]`` and ``tokens [T]`` of the from-hidden paths, with clear errors."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden must be [T, H] and weight [V, H] with the same H; got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)} (flatten [B, T, H] to [B*T, H] first)"
+        )
+    if tokens.shape != hidden.shape[:1]:
+        raise ValueError(f"tokens must be [T]={tuple(hidden.shape[:1])}, got {tuple(tokens.shape)}")
+    if hidden.dtype != weight.dtype or hidden.device != weight.device:
+        raise ValueError(
+            f"hidden ({hidden.dtype}, {hidden.device}) and weight ({weight.dtype}, {weight.device}) must share "
+            "dtype and device; cast one of them"
+        )
+
+
 def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {list(BACKENDS)}")
@@ -465,18 +481,7 @@ def logprobs_and_entropy_from_hidden(
         ``(log_probs [T], entropy [T] | None)``, float32, differentiable w.r.t. ``hidden`` and ``weight``.
     """
     _check_temperature(temperature)
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"hidden must be [T, H] and weight [V, H] with the same H; got {tuple(hidden.shape)} and "
-            f"{tuple(weight.shape)} (flatten [B, T, H] to [B*T, H] first)"
-        )
-    if tokens.shape != hidden.shape[:1]:
-        raise ValueError(f"tokens must be [T]={tuple(hidden.shape[:1])}, got {tuple(tokens.shape)}")
-    if hidden.dtype != weight.dtype or hidden.device != weight.device:
-        raise ValueError(
-            f"hidden ({hidden.dtype}, {hidden.device}) and weight ({weight.dtype}, {weight.device}) must share "
-            "dtype and device; cast one of them"
-        )
+    _check_hidden_inputs(hidden, weight, tokens)
     vocab_size = weight.shape[0]
     _check_tokens(tokens, 0, vocab_size, ignore_index)  # vocabulary slices would turn a bad id into -lse
     resolved = _resolve_backend(backend, hidden.device)
