@@ -25,8 +25,8 @@ How the work is spread over the processes that ``torch.distributed.run`` launche
 
 Refused by name (``megatron_problems``): pipeline parallelism (one engine would need every stage's weights: the
 sync sends per stage), KL and TIS terms (the megatron step takes no reference or rollout log-probs yet), the
-distributed optimizer on CPU or with checkpoints. ``--async`` makes rank 0 generate rollout k+1 while the ranks
-train on k.
+distributed optimizer on CPU or with checkpoints, its CPU offload. ``--async`` makes rank 0 generate rollout k+1
+while the ranks train on k.
 Checkpoints: ``--save`` writes rlkit's atomic training state per model-parallel shard (megatron weights, AdamW
 state; rank 0's also holds the data position, buffer, the rollout in flight and RNG), ``--save-hf`` an HF export
 gathered from the shards; megatron-core's native ``torch_dist`` is not used (0.16.1 needs CUDA for it).
@@ -127,13 +127,17 @@ def megatron_problems(args: argparse.Namespace, *, world_size: int) -> list[str]
     if args.device:
         problems.append(f"--device {args.device}: the megatron backend puts each process on its LOCAL_RANK GPU "
                         "when CUDA is available, else on the CPU; drop --device")  # fmt: skip
-    if (args.use_distributed_optimizer or args.optimizer_cpu_offload) and not torch.cuda.is_available():
+    if args.use_distributed_optimizer and not torch.cuda.is_available():
         problems.append(
-            "--use-distributed-optimizer / --optimizer-cpu-offload: megatron-core's DistributedOptimizer needs CUDA "
-            "(0.16.1 checks for torch.cuda tensors); drop them on CPU, where AdamW is replicated on every rank"
+            "--use-distributed-optimizer: megatron-core's DistributedOptimizer needs CUDA (0.16.1 checks for "
+            "torch.cuda tensors); drop it on CPU, where AdamW is replicated on every rank"
         )
-    if args.optimizer_cpu_offload and not args.use_distributed_optimizer:
-        problems.append("--optimizer-cpu-offload needs --use-distributed-optimizer (as in Megatron-LM)")
+    if args.optimizer_cpu_offload:
+        problems.append(
+            "--optimizer-cpu-offload: not supported by the megatron backend (megatron-core 0.16.1's "
+            "HybridDeviceOptimizer did not match the on-GPU DistributedOptimizer on an H100 in bf16 and rejects "
+            "float32 weights; see rlkit.parallel.megatron.distributed); use --use-distributed-optimizer alone"
+        )
     if args.use_distributed_optimizer and (args.save or args.load):
         problems.append(
             "--use-distributed-optimizer with --save / --load: this recipe does not checkpoint the sharded optimizer "
@@ -270,7 +274,7 @@ class ParamGroupLR:
 def build_optimizer(args, model):
     """``(module to train, optimizer, lr schedule)``: AdamW on every rank's part of the model (replicated over DP),
     or with ``--use-distributed-optimizer`` megatron's DDP and DistributedOptimizer (fp32 master weights and Adam
-    state sharded over DP; ``--optimizer-cpu-offload`` steps them on the host), CUDA only."""
+    state sharded over DP), CUDA only."""
     factor = recipe.lr_schedule(args)
     betas = (args.adam_beta1, args.adam_beta2)
     if not args.use_distributed_optimizer:
@@ -279,9 +283,8 @@ def build_optimizer(args, model):
     from rlkit.parallel.megatron.distributed import build_distributed_optimizer
 
     ddp_model, optimizer = build_distributed_optimizer(
-        model, lr=args.lr, weight_decay=args.weight_decay, adam_betas=betas, clip_grad=args.clip_grad,
-        optimizer_cpu_offload=args.optimizer_cpu_offload,
-    )  # fmt: skip
+        model, lr=args.lr, weight_decay=args.weight_decay, adam_betas=betas, clip_grad=args.clip_grad
+    )
     return ddp_model, optimizer, ParamGroupLR(optimizer, args.lr, factor)
 
 
