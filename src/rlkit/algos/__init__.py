@@ -8,7 +8,9 @@ Modules (import them directly; this package re-exports nothing so that importing
   TIS, GSPO, MTP and SFT cross-entropy; ``rl_loss`` assembles them.
 - ``rlkit.algos.aggregation``: per-token values to the backpropagated scalar with a global normalizer,
   invariant to micro-batch / DP / CP splits.
-- ``rlkit.algos.logprobs``: chunked log-probs and entropy from logits.
+- ``rlkit.algos.logprobs``: chunked log-probs and entropy from logits (or hidden states), vocab-parallel.
+- ``rlkit.algos.fused_linear_loss``: a per-token RL loss from hidden states with its gradient formed in the
+  forward (3 matmuls, no ``[T, V]`` logits).
 
 ``rlkit.algos`` imports nothing from the other rlkit packages and does no communication.
 See docs/algos.md.
