@@ -188,19 +188,10 @@ def test_hf_export_and_resume(tmp_path, hf_backend):
 
 
 def _tiny_qwen3_moe_checkpoint(path: pathlib.Path) -> pathlib.Path:
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    from rlkit.models.tiny import build_char_tokenizer
+    from rlkit.models.tiny import build_char_tokenizer, build_tiny_qwen3_moe
 
     tokenizer = build_char_tokenizer()
-    config = Qwen3MoeConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=176, moe_intermediate_size=32,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
-        num_experts_per_tok=2, max_position_embeddings=256, tie_word_embeddings=False,
-    )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        Qwen3MoeForCausalLM(config).save_pretrained(path)
+    build_tiny_qwen3_moe(seed=0, vocab_size=len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -94,3 +94,40 @@ def build_tiny_qwen3(*, seed: int = 0, dtype: torch.dtype = torch.float32, **ove
         torch.manual_seed(seed)
         model = Qwen3ForCausalLM(config)
     return model.to(dtype)
+
+
+def build_tiny_qwen3_moe(*, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
+    """A randomly initialised ``Qwen3MoeForCausalLM`` at toy size (eager attention, every layer sparse).
+
+    2 layers, hidden 64, GQA 4q/2kv of 16, 8 routed experts of width 32, top-2, ``norm_topk_prob=True``,
+    untied embeddings, vocabulary 128.
+
+    Args:
+        seed: RNG seed for the initialisation (the global RNG state is restored afterwards).
+        dtype: parameter dtype.
+        **overrides: any ``Qwen3MoeConfig`` field, e.g. ``num_experts=4``.
+    """
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    fields: dict[str, Any] = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=176,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    fields.update(overrides)
+    config = Qwen3MoeConfig(**fields)
+    config._attn_implementation = "eager"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3MoeForCausalLM(config)
+    return model.to(dtype)

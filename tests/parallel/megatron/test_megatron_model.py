@@ -59,17 +59,9 @@ def test_untrained_vocab_padding_and_unsupported_configs():
 
 
 def _tiny_qwen3_moe(seed: int, *, norm_topk_prob: bool):
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from rlkit.models.tiny import build_tiny_qwen3_moe
 
-    config = Qwen3MoeConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=176, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
-        norm_topk_prob=norm_topk_prob, max_position_embeddings=256, tie_word_embeddings=False,
-    )  # fmt: skip
-    config._attn_implementation = "eager"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return Qwen3MoeForCausalLM(config)
+    return build_tiny_qwen3_moe(seed=seed, norm_topk_prob=norm_topk_prob)
 
 
 @pytest.mark.parametrize("norm_topk_prob", [True, False])

@@ -51,20 +51,11 @@ LOSS = PolicyLossConfig(aggregation="token_mean")
 
 
 def _hf_model(moe: bool):
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    from rlkit.models.tiny import build_tiny_qwen3
+    from rlkit.models.tiny import build_tiny_qwen3, build_tiny_qwen3_moe
 
     if not moe:
         return build_tiny_qwen3(seed=3, vocab_size=VOCAB).train()  # tied embeddings: PP2 needs the embedding group
-    config = Qwen3MoeConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=176, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
-        max_position_embeddings=256, tie_word_embeddings=False,
-    )  # fmt: skip
-    config._attn_implementation = "eager"
-    torch.manual_seed(5)
-    return Qwen3MoeForCausalLM(config).train()
+    return build_tiny_qwen3_moe(seed=5, vocab_size=VOCAB).train()
 
 
 def _batch() -> RLBatch:

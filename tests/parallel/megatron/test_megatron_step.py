@@ -170,18 +170,10 @@ def test_megatron_schedule_matches_plain_loop():
 
 def test_qwen3_moe_step_matches_hf_gradients():
     """Routed experts: loss, grad norm and every gradient (router included) equal HF's on the same step."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
     from rlkit.ckpt.experts import split_fused_experts
+    from rlkit.models.tiny import build_tiny_qwen3_moe
 
-    config = Qwen3MoeConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=176, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
-        max_position_embeddings=256, tie_word_embeddings=False,
-    )  # fmt: skip
-    config._attn_implementation = "eager"
-    torch.manual_seed(3)
-    hf = Qwen3MoeForCausalLM(config).train()
+    hf = build_tiny_qwen3_moe(seed=3, vocab_size=VOCAB).train()
     batch = _batch(seed=5)
     kwargs = dict(packer=DataPacker(max_tokens_per_gpu=48), loss_config=PolicyLossConfig(), vocab_size=VOCAB)
     model = build_gpt_model(hf.config, hf_state_dict=hf.state_dict())

@@ -37,18 +37,9 @@ pytestmark = pytest.mark.usefixtures("megatron_world")
 
 
 def _tiny_qwen3_moe(seed: int, **overrides):
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from rlkit.models.tiny import build_tiny_qwen3_moe
 
-    fields = dict(
-        vocab_size=128, hidden_size=64, intermediate_size=176, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
-        norm_topk_prob=True, max_position_embeddings=256, tie_word_embeddings=False,
-    )  # fmt: skip
-    config = Qwen3MoeConfig(**(fields | overrides))
-    config._attn_implementation = "eager"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return Qwen3MoeForCausalLM(config).eval()
+    return build_tiny_qwen3_moe(seed=seed, **({"num_experts": 4} | overrides)).eval()
 
 
 def _logits(model, ids):
