@@ -165,7 +165,9 @@ def grad_norm(parameters: Iterable[Tensor]) -> Tensor:
 
     ps = _groups()
     params = [p for p in parameters if p.grad is not None]
-    device = params[0].grad.device if params else torch.device("cpu")
+    # A rank without gradients still joins the all-reduces, on the device its backend needs (NCCL: CUDA).
+    fallback = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    device = params[0].grad.device if params else fallback
     squares = torch.zeros(2, dtype=torch.float32, device=device)  # [dense, expert]
     for p in params:
         if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p):
