@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rlkit._optional import require
+from rlkit.parallel.megatron.fused import rms_norm_reference
 from rlkit.parallel.megatron.spec import gpt_layer_spec
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
@@ -154,22 +155,17 @@ class SequenceParallelRMSNorm(torch.nn.Module):
         self.weight.sequence_parallel = config.sequence_parallel
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * y.to(x.dtype)
+        return rms_norm_reference(x, self.weight, self.eps)
 
 
 def _layer_spec(config):
     """The layer spec of :func:`gpt_layer_spec`; under SP every norm is :class:`SequenceParallelRMSNorm`."""
     if not config.sequence_parallel:
         return gpt_layer_spec(num_experts=config.num_moe_experts)
-    import inspect
-
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    # spec.py's fused RMSNorm (when it has one) does not shard over the sequence: stock modules under SP.
-    options = {"fused": False} if "fused" in inspect.signature(gpt_layer_spec).parameters else {}
-    spec = gpt_layer_spec(num_experts=config.num_moe_experts, **options)
+    # The SP path was verified on 2 GPUs with megatron's stock modules and these eager norms.
+    spec = gpt_layer_spec(num_experts=config.num_moe_experts, fused=False)
     spec.submodules.input_layernorm = SequenceParallelRMSNorm
     spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
     attention = spec.submodules.self_attention.submodules
