@@ -4,8 +4,10 @@ Qwen3-1.7B shape (random init, bf16 weights, fused AdamW on the bf16 parameters)
 synthetic RL batch (48 samples, prompts 64-256, responses 128-2048 tokens, uniform), dynamic micro-batches from
 ``DataPacker(max_tokens_per_gpu=...)``; the same micro-batches go to every path:
 
-* ``megatron_thd``: megatron-core GPTModel, rlkit's fused local spec (``spec.gpt_layer_spec()``: fused
-  RMSNorm / SwiGLU / RoPE kernels), THD packing with PyTorch varlen attention;
+* ``megatron_thd``: megatron-core GPTModel, rlkit's fused local spec (``spec.gpt_layer_spec()``: each
+  sublayer one compiled region, ``fused_layer.FusedTransformerLayer``), THD packing with PyTorch varlen attention;
+* ``megatron_thd_modules``: the same fused modules (RMSNorm / SwiGLU / RoPE kernels) run one by one through
+  megatron's ``TransformerLayer`` (``gpt_layer_spec(compiled_sublayers=False)``);
 * ``megatron_thd_stock``: the same with megatron-core's stock local modules (``gpt_layer_spec(fused=False)``),
   the baseline the fusion is measured against;
 * ``megatron_padded``: the fused model on right-padded ``[B, S]`` rows (causal SDPA);
@@ -132,11 +134,17 @@ def _build(path: str, hf, *, recompute: str, device: str):
         else:
             hf.gradient_checkpointing_disable()
         return hf, hf_forward(hf), "bshd"
-    if path not in ("megatron_thd", "megatron_thd_stock", "megatron_padded"):
+    # build_gpt_model takes no spec argument: the baselines swap the spec it calls.
+    specs = {
+        "megatron_thd": None,
+        "megatron_padded": None,
+        "megatron_thd_stock": functools.partial(gpt_layer_spec, fused=False),
+        "megatron_thd_modules": functools.partial(gpt_layer_spec, compiled_sublayers=False),
+    }
+    if path not in specs:
         raise ValueError(f"unknown path {path!r}")
-    # build_gpt_model takes no spec argument: the stock baseline swaps the spec it calls for megatron's own modules.
-    stock = mock.patch.object(megatron_model, "gpt_layer_spec", functools.partial(gpt_layer_spec, fused=False))
-    with stock if path == "megatron_thd_stock" else contextlib.nullcontext():
+    swap = mock.patch.object(megatron_model, "gpt_layer_spec", specs[path]) if specs[path] else None
+    with swap or contextlib.nullcontext():
         model = build_gpt_model(
             hf.config,
             hf_state_dict=hf.state_dict(),
@@ -230,7 +238,7 @@ def main() -> None:
             for r in rows
             if r["max_tokens_per_gpu"] == budget and r["recompute"] == recompute and "tokens_per_s" in r
         }
-        for path in ("megatron_thd", "megatron_thd_stock"):
+        for path in ("megatron_thd", "megatron_thd_modules", "megatron_thd_stock"):
             if path in by and "hf_padded" in by:
                 speedup = by[path]["tokens_per_s"] / by["hf_padded"]["tokens_per_s"]
                 print(f"budget {budget} recompute {recompute}: {path} / hf_padded tokens/s = {speedup:.2f}x")

@@ -242,6 +242,7 @@ def _require_bottom_right_causal(device: torch.device) -> None:
         )
 
 
+@functools.cache
 def packed_core_attention_class():
     """Defined lazily: it subclasses megatron-core's ``MegatronModule``."""
     megatron_module = require("megatron.core.transformer.module", purpose="the packed core attention").MegatronModule

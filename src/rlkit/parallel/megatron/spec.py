@@ -24,9 +24,10 @@ from torch import Tensor
 from rlkit._optional import require
 from rlkit.parallel.megatron.attention import packed_core_attention_class
 from rlkit.parallel.megatron.fused import apply_rotary, packed_positions, rms_norm, rms_norm_rotary, swiglu
+from rlkit.parallel.megatron.fused_layer import fused_transformer_layer_class
 
 
-def gpt_layer_spec(*, num_experts: int | None = None, fused: bool = True):
+def gpt_layer_spec(*, num_experts: int | None = None, fused: bool = True, compiled_sublayers: bool = True):
     """megatron-core's local GPT layer spec with :class:`PackedCoreAttention` as its core attention.
 
     RMSNorm, QK-norm, and ``SequentialMLP`` routed experts when ``num_experts`` is given.
@@ -35,6 +36,9 @@ def gpt_layer_spec(*, num_experts: int | None = None, fused: bool = True):
         num_experts: routed experts per MoE layer, or ``None`` for a dense MLP.
         fused: use :class:`FusedRMSNorm`, ``FusedMLP`` (dense only) and ``RotarySelfAttention``
             (module docstring); ``False`` keeps megatron-core's local modules.
+        compiled_sublayers: with ``fused``, the layer is
+            :class:`rlkit.parallel.megatron.fused_layer.FusedTransformerLayer`, which runs each sublayer as
+            one compiled region where it applies (same modules and weights); ``False`` runs the modules one by one.
     """
     specs = require("megatron.core.models.gpt.gpt_layer_specs", purpose="the megatron layer spec")
     spec = specs.get_gpt_layer_local_spec(
@@ -43,6 +47,8 @@ def gpt_layer_spec(*, num_experts: int | None = None, fused: bool = True):
     attention = spec.submodules.self_attention
     attention.submodules.core_attention = packed_core_attention_class()
     if fused:
+        if compiled_sublayers:
+            spec.module = fused_transformer_layer_class()
         layer = spec.submodules
         layer.input_layernorm = layer.pre_mlp_layernorm = FusedRMSNorm
         attention.submodules.q_layernorm = attention.submodules.k_layernorm = FusedRMSNorm

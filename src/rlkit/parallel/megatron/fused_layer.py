@@ -1,0 +1,310 @@
+"""A transformer layer's two sublayers as two compiled regions, for megatron-core's local spec (no TE).
+
+The technique
+-------------
+With rlkit's fused local spec (:mod:`rlkit.parallel.megatron.spec`) a Qwen3-1.7B step at 8K tokens per
+GPU is bound by the host, not the GPU: each layer's forward and backward go through ~85 kernel launches,
+megatron's module and autograd plumbing (parallel linears, bias-dropout-add, viewless tensors), and a
+``torch.compile`` wrapper per fused elementwise kernel (``benchmarks/RESULTS.md``). Here each sublayer
+is one plain function of tensors that ``torch.compile`` turns into one graph forward and one backward:
+
+* :func:`attention_sublayer_reference`: ``h + W_o attn(rope(qk_norm(split(W_qkv rms_norm(h)))))``;
+* :func:`mlp_sublayer_reference`: ``h + W_2 swiglu(W_1 rms_norm(h))``.
+
+The matmuls stay cuBLAS calls and attention stays PyTorch's varlen kernel; Inductor fuses everything
+between them, and one autograd node per sublayer replaces a dozen. The arithmetic is the modules'
+(:mod:`rlkit.parallel.megatron.fused`'s references, megatron's QKV layout), so CPU runs the same
+functions eagerly and a test compares them with the module path and HF transformers.
+
+:class:`FusedTransformerLayer` (``fused_transformer_layer_class()``) is megatron-core's
+``TransformerLayer`` that takes this path when it applies: THD-packed input, one tensor- and
+context-parallel rank (no SP), no dropout, biases, recompute of single modules, offloading or
+inference context, and the fused spec's modules. Anything else, and MoE MLPs, runs the parent's code.
+Full-layer recompute (``recompute_granularity="full"``) wraps whole layers and works unchanged.
+
+Shape legend: ``T`` packed tokens, ``D`` hidden size, ``G`` query groups (key/value heads), ``Hq`` query
+heads, ``d`` head dim, ``F`` MLP width, ``S`` rotary table length, ``N`` packed sequences.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rlkit._optional import require
+from rlkit.parallel.megatron.attention import (
+    _varlen_attn,
+    packed_causal_attention_reference,
+    varlen_available,
+)
+from rlkit.parallel.megatron.fused import (
+    _compiled,
+    _rows_dynamic,
+    _use_compile,
+    packed_positions,
+    rms_norm_reference,
+    rms_norm_rotary_reference,
+    swiglu_reference,
+)
+
+
+def attention_sublayer_reference(
+    hidden: Tensor,
+    freqs: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    norm_weight: Tensor,
+    qkv_weight: Tensor,
+    q_norm_weight: Tensor,
+    k_norm_weight: Tensor,
+    proj_weight: Tensor,
+    *,
+    num_query_groups: int,
+    eps: float,
+    qk_eps: float,
+    softmax_scale: float,
+    use_varlen: bool,
+) -> Tensor:
+    """Pre-norm causal self-attention with QK-norm and RoPE over THD-packed sequences, plus the residual.
+
+    ``x = rms_norm(h)``; ``[q; k; v] = x W_qkv^T`` in megatron's grouped layout (per query group
+    ``g``: its ``Hq/G`` query heads, then its key head, then its value head);
+    ``q, k = rope(rms_norm(q)), rope(rms_norm(k))`` with positions restarting in every sequence;
+    ``out = h + attn(q, k, v) W_o^T`` (causal within each sequence, GQA). Norms in float32 rounded
+    once, as :func:`rlkit.parallel.megatron.fused.rms_norm_reference` (HF's Qwen3 order).
+
+    Args:
+        hidden: ``[T, 1, D]`` layer input (bf16/fp32).
+        freqs: ``[S, 1, 1, d]`` float rotary angles of positions ``0 .. S-1`` (megatron's ``rotary_pos_emb``),
+            ``S`` at least the longest sequence.
+        cu_seqlens: ``[N + 1]`` int cumulative sequence lengths, ending at ``T``.
+        max_seqlen: longest sequence (a host int: the varlen kernel's grid size).
+        norm_weight: ``[D]`` input RMSNorm weight.
+        qkv_weight: ``[G * (Hq/G + 2) * d, D]``.
+        q_norm_weight: ``[d]``; k_norm_weight: ``[d]``.
+        proj_weight: ``[D, Hq * d]``.
+        num_query_groups: ``G``.
+        eps: input norm epsilon; qk_eps: the QK norms' epsilon.
+        softmax_scale: usually ``1 / sqrt(d)``.
+        use_varlen: PyTorch's varlen flash kernel (CUDA, fp16/bf16), else one SDPA call per sequence.
+
+    Returns:
+        ``[T, 1, D]``, dtype of ``hidden``.
+    """
+    tokens, batch, _ = hidden.shape
+    head_dim = q_norm_weight.shape[0]
+    per_group = qkv_weight.shape[0] // (num_query_groups * head_dim)
+    x = rms_norm_reference(hidden, norm_weight, eps)
+    mixed = F.linear(x, qkv_weight).view(tokens * batch, num_query_groups, per_group * head_dim)
+    query, key, value = mixed.split([(per_group - 2) * head_dim, head_dim, head_dim], dim=-1)
+    query = query.reshape(tokens * batch, -1, head_dim)
+    angles = freqs[packed_positions(cu_seqlens, tokens)].view(tokens, 1, head_dim).float()
+    query = rms_norm_rotary_reference(query, q_norm_weight, qk_eps, angles)
+    key = rms_norm_rotary_reference(key, k_norm_weight, qk_eps, angles)
+    if use_varlen:
+        out = _varlen_causal(query, key, value, cu_seqlens, max_seqlen, softmax_scale)
+    else:
+        out = packed_causal_attention_reference(query, key, value, cu_seqlens, softmax_scale=softmax_scale)
+    return hidden + F.linear(out.reshape(tokens, batch, -1), proj_weight)
+
+
+def mlp_sublayer_reference(
+    hidden: Tensor, norm_weight: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, *, eps: float
+) -> Tensor:
+    """Pre-norm SwiGLU MLP plus the residual: ``h + swiglu(rms_norm(h) W_1^T) W_2^T``.
+
+    Args:
+        hidden: ``[..., D]``.
+        norm_weight: ``[D]``.
+        fc1_weight: ``[2F, D]``, gate rows first (megatron's ``linear_fc1``).
+        fc2_weight: ``[D, F]``.
+        eps: the norm's epsilon.
+
+    Returns:
+        ``[..., D]``, dtype of ``hidden``.
+    """
+    x = rms_norm_reference(hidden, norm_weight, eps)
+    return hidden + F.linear(swiglu_reference(F.linear(x, fc1_weight)), fc2_weight)
+
+
+def _varlen_causal(query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float):
+    # Plain attribute access (no inspect, no caches) so torch.compile traces it; _varlen_attn() has
+    # imported the module and told varlen_available() it exists before any compiled call.
+    varlen_attn = torch.nn.attention.varlen.varlen_attn
+    groups = query.shape[1] // key.shape[1]
+    if groups != 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    cu = cu_seqlens.to(torch.int32)
+    if _VARLEN_CAUSAL_BY_WINDOW:
+        return varlen_attn(query, key, value, cu, cu, max_seqlen, max_seqlen, scale=scale, window_size=(-1, 0))
+    return varlen_attn(query, key, value, cu, cu, max_seqlen, max_seqlen, scale=scale, is_causal=True)
+
+
+_found = _varlen_attn()
+# The causal flag is `window_size=(-1, 0)` in newer releases and `is_causal=True` in the first one.
+_VARLEN_CAUSAL_BY_WINDOW = _found is not None and "window_size" in _found[1]
+
+
+def attention_sublayer(hidden: Tensor, freqs: Tensor, cu_seqlens: Tensor, max_seqlen: int, *weights, **options):
+    """:func:`attention_sublayer_reference`, one compiled graph on CUDA (``use_varlen`` is decided here)."""
+    use_varlen = varlen_available(hidden.device, hidden.dtype)
+    if not _use_compile(hidden, "auto"):
+        return attention_sublayer_reference(
+            hidden, freqs, cu_seqlens, max_seqlen, *weights, use_varlen=use_varlen, **options
+        )
+    _rows_dynamic(attention_sublayer_reference, hidden, freqs, cu_seqlens)
+    return _compiled(attention_sublayer_reference)(
+        hidden, freqs, cu_seqlens, max_seqlen, *weights, use_varlen=use_varlen, **options
+    )
+
+
+def mlp_sublayer(hidden: Tensor, *weights, eps: float) -> Tensor:
+    """:func:`mlp_sublayer_reference`, one compiled graph on CUDA (same arguments)."""
+    if not _use_compile(hidden, "auto"):
+        return mlp_sublayer_reference(hidden, *weights, eps=eps)
+    _rows_dynamic(mlp_sublayer_reference, hidden)
+    return _compiled(mlp_sublayer_reference)(hidden, *weights, eps=eps)
+
+
+@functools.cache
+def fused_transformer_layer_class():
+    """megatron-core's ``TransformerLayer`` running each sublayer as one compiled region (lazy: needs megatron)."""
+    transformer_layer = require("megatron.core.transformer.transformer_layer", purpose="the fused transformer layer")
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    from rlkit.parallel.megatron.attention import packed_core_attention_class
+    from rlkit.parallel.megatron.spec import FusedRMSNorm, fused_mlp_class, rotary_self_attention_class
+
+    class FusedTransformerLayer(transformer_layer.TransformerLayer):
+        """``TransformerLayer`` running :func:`attention_sublayer` and :func:`mlp_sublayer` where they apply.
+
+        Where they do not (module docstring), the parent's code runs.
+        Same submodules, parameters and state-dict keys as the parent: only ``forward``'s route changes.
+        """
+
+        _static_routes: tuple[bool, bool] | None = None
+
+        def _forward_attention(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs):
+            """As ``TransformerLayer._forward_attention``: ``(hidden_states, context)``."""
+            if not (self._routes()[0] and attention_mask is None and _attention_call_fusable(hidden_states, kwargs)):
+                return super()._forward_attention(hidden_states, attention_mask, **kwargs)
+            attention, packed = self.self_attention, kwargs["packed_seq_params"]
+            out = attention_sublayer(
+                hidden_states,
+                kwargs["rotary_pos_emb"],
+                packed.cu_seqlens_q,
+                packed.max_seqlen_q,
+                self.input_layernorm.weight,
+                attention.linear_qkv.weight,
+                attention.q_layernorm.weight,
+                attention.k_layernorm.weight,
+                attention.linear_proj.weight,
+                num_query_groups=attention.num_query_groups_per_partition,
+                eps=self.input_layernorm.eps,
+                qk_eps=attention.q_layernorm.eps,
+                softmax_scale=attention.core_attention.softmax_scale,
+            )
+            return out, kwargs.get("context")
+
+        def _forward_mlp(self, hidden_states: Tensor, inference_context=None, padding_mask: Tensor | None = None):
+            """As ``TransformerLayer._forward_mlp``: ``[S, B, D] -> [S, B, D]``."""
+            if not (self._routes()[1] and inference_context is None):
+                return super()._forward_mlp(hidden_states, inference_context, padding_mask=padding_mask)
+            mlp = self.mlp
+            return mlp_sublayer(
+                hidden_states,
+                self.pre_mlp_layernorm.weight,
+                mlp.linear_fc1.weight,
+                mlp.linear_fc2.weight,
+                eps=self.pre_mlp_layernorm.eps,
+            )
+
+        def _routes(self) -> tuple[bool, bool]:
+            """Whether the module structure and config allow the fused attention / MLP sublayer (cached)."""
+            if self._static_routes is None:
+                self._static_routes = _static_routes(
+                    self, FusedRMSNorm, rotary_self_attention_class(), packed_core_attention_class(), fused_mlp_class()
+                )
+            return self._static_routes
+
+    def _static_routes(layer, norm_cls, attention_cls, core_cls, mlp_cls) -> tuple[bool, bool]:
+        config = layer.config
+        attention = layer.self_attention
+        common = (
+            layer.pg_collection.tp.size() == 1
+            and layer.pg_collection.cp.size() == 1
+            and not config.sequence_parallel
+            and config.hidden_dropout == 0.0
+            and not (config.fp8 or getattr(config, "fp4", None))
+            and not getattr(config, "inference_fuse_tp_communication", False)
+        )
+        if not common:
+            return False, False
+        no_bias = lambda *modules: all(getattr(m, "bias", None) is None for m in modules)  # noqa: E731
+        attention_ok = (
+            type(attention) is attention_cls
+            and type(layer.input_layernorm) is norm_cls
+            and type(attention.q_layernorm) is norm_cls
+            and type(attention.k_layernorm) is norm_cls
+            and type(attention.core_attention) is core_cls
+            and attention.core_attention.cp_group is None
+            and isinstance(layer.cross_attention, IdentityOp)
+            and isinstance(layer.pre_cross_attn_layernorm, IdentityOp)
+            and no_bias(attention.linear_qkv, attention.linear_proj)
+            and not getattr(config, "attention_output_gate", False)
+            and not layer.recompute_input_layernorm
+            and not getattr(layer, "offload_attn_norm", False)
+            and not config.rotary_interleaved
+            and not config.multi_latent_attention
+            and not (config.no_rope_freq and config.no_rope_freq[layer.layer_number - 1])
+            and require(
+                "megatron.core.transformer.attention", purpose="the fused layer"
+            )._yarn_get_concentration_factor_from_config(config)
+            == 1.0
+        )
+        mlp = layer.mlp
+        mlp_ok = (
+            type(mlp) is mlp_cls
+            and type(layer.pre_mlp_layernorm) is norm_cls
+            and config.gated_linear_unit
+            and mlp.activation_func is torch.nn.functional.silu
+            and not config.use_te_activation_func
+            and config.activation_func_clamp_value is None
+            and config.glu_linear_offset == 0
+            and no_bias(mlp.linear_fc1, mlp.linear_fc2)
+            and not layer.recompute_mlp
+            and not layer.recompute_pre_mlp_layernorm
+            and not getattr(layer, "offload_mlp_norm", False)
+        )
+        return bool(attention_ok), bool(mlp_ok)
+
+    return FusedTransformerLayer
+
+
+def _attention_call_fusable(hidden_states: Tensor, kwargs: dict) -> bool:
+    """The per-call half of the attention route: THD input, a plain rotary table, nothing else passed."""
+    packed = kwargs.get("packed_seq_params")
+    freqs = kwargs.get("rotary_pos_emb")
+    if packed is None or packed.qkv_format != "thd" or packed.cu_seqlens_q_padded is not None:
+        return False
+    if packed.local_cp_size is not None or packed.cu_seqlens_kv is not packed.cu_seqlens_q:
+        return False
+    if not isinstance(freqs, Tensor) or freqs.dim() != 4 or freqs.shape[1:3] != (1, 1):
+        return False
+    if hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
+        return False
+    unused = (
+        "context",
+        "context_mask",
+        "rotary_pos_cos",
+        "rotary_pos_sin",
+        "rotary_pos_cos_sin",
+        "attention_bias",
+        "inference_context",
+        "inference_params",
+        "sequence_len_offset",
+    )
+    return all(kwargs.get(name) is None for name in unused) and isinstance(packed.max_seqlen_q, int)
