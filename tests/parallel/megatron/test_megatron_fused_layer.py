@@ -48,8 +48,8 @@ def test_attention_sublayer_matches_a_float64_per_sequence_formula():
     inv = theta ** (-torch.arange(0, d, 2).float() / d)
     freqs = torch.cat([torch.outer(torch.arange(12).float(), inv)] * 2, dim=-1)[:, None, None, :]
     got = attention_sublayer_reference(
-        h, freqs, cu, max(lengths), w_norm, w_qkv, w_q, w_k, w_o,
-        num_query_groups=G, eps=1e-6, qk_eps=1e-5, softmax_scale=d**-0.5, use_varlen=False,
+        h[:, 0], freqs[: max(lengths)], cu, w_norm, w_qkv, w_q, w_k, w_o,
+        eps=1e-6, qk_eps=1e-5, softmax_scale=d**-0.5, use_varlen=False,
     )  # fmt: skip
 
     # float64, written per sequence with megatron's grouped rows spelled out: group g owns rows
@@ -68,7 +68,7 @@ def test_attention_sublayer_matches_a_float64_per_sequence_formula():
             scores = (q @ k.T) * d**-0.5 + torch.full((len(pos), len(pos)), float("-inf")).triu(1).double()
             heads.append(scores.softmax(-1) @ v)
         outs.append(h64[start:end] + torch.cat(heads, dim=-1) @ w_o.double().T)
-    torch.testing.assert_close(got[:, 0].double(), torch.cat(outs), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), torch.cat(outs), rtol=1e-5, atol=1e-5)
 
 
 def test_mlp_sublayer_matches_a_float64_formula():

@@ -41,8 +41,6 @@ from rlkit.parallel.megatron.attention import (
     varlen_available,
 )
 from rlkit.parallel.megatron.fused import (
-    _compiled,
-    _rows_dynamic,
     _use_compile,
     packed_positions,
     rms_norm_reference,
@@ -55,14 +53,12 @@ def attention_sublayer_reference(
     hidden: Tensor,
     freqs: Tensor,
     cu_seqlens: Tensor,
-    max_seqlen: int,
     norm_weight: Tensor,
     qkv_weight: Tensor,
     q_norm_weight: Tensor,
     k_norm_weight: Tensor,
     proj_weight: Tensor,
     *,
-    num_query_groups: int,
     eps: float,
     qk_eps: float,
     softmax_scale: float,
@@ -77,38 +73,39 @@ def attention_sublayer_reference(
     once, as :func:`rlkit.parallel.megatron.fused.rms_norm_reference` (HF's Qwen3 order).
 
     Args:
-        hidden: ``[T, 1, D]`` layer input (bf16/fp32).
-        freqs: ``[S, 1, 1, d]`` float rotary angles of positions ``0 .. S-1`` (megatron's ``rotary_pos_emb``),
-            ``S`` at least the longest sequence.
+        hidden: ``[T, D]`` or ``[T, 1, D]`` layer input (bf16/fp32).
+        freqs: ``[L, 1, 1, d]`` float rotary angles of positions ``0 .. L-1`` (megatron's ``rotary_pos_emb``),
+            ``L`` the longest sequence: it is also the varlen kernel's ``max_seqlen``, a tensor size rather
+            than an int argument so that ``torch.compile`` keeps it symbolic instead of guarding on its value.
         cu_seqlens: ``[N + 1]`` int cumulative sequence lengths, ending at ``T``.
-        max_seqlen: longest sequence (a host int: the varlen kernel's grid size).
         norm_weight: ``[D]`` input RMSNorm weight.
         qkv_weight: ``[G * (Hq/G + 2) * d, D]``.
         q_norm_weight: ``[d]``; k_norm_weight: ``[d]``.
-        proj_weight: ``[D, Hq * d]``.
-        num_query_groups: ``G``.
+        proj_weight: ``[D, Hq * d]``. ``G = (rows(W_qkv) - cols(W_o)) / 2d`` follows from the two shapes
+            (parameters' sizes stay static under ``torch.compile``, where an int argument would not).
         eps: input norm epsilon; qk_eps: the QK norms' epsilon.
         softmax_scale: usually ``1 / sqrt(d)``.
         use_varlen: PyTorch's varlen flash kernel (CUDA, fp16/bf16), else one SDPA call per sequence.
 
     Returns:
-        ``[T, 1, D]``, dtype of ``hidden``.
+        Shape and dtype of ``hidden``.
     """
-    tokens, batch, _ = hidden.shape
+    tokens = hidden.shape[0]
     head_dim = q_norm_weight.shape[0]
+    num_query_groups = (qkv_weight.shape[0] - proj_weight.shape[1]) // (2 * head_dim)
     per_group = qkv_weight.shape[0] // (num_query_groups * head_dim)
     x = rms_norm_reference(hidden, norm_weight, eps)
-    mixed = F.linear(x, qkv_weight).view(tokens * batch, num_query_groups, per_group * head_dim)
+    mixed = F.linear(x, qkv_weight).view(tokens, num_query_groups, per_group * head_dim)
     query, key, value = mixed.split([(per_group - 2) * head_dim, head_dim, head_dim], dim=-1)
-    query = query.reshape(tokens * batch, -1, head_dim)
+    query = query.reshape(tokens, -1, head_dim)
     angles = freqs[packed_positions(cu_seqlens, tokens)].view(tokens, 1, head_dim).float()
     query = rms_norm_rotary_reference(query, q_norm_weight, qk_eps, angles)
     key = rms_norm_rotary_reference(key, k_norm_weight, qk_eps, angles)
     if use_varlen:
-        out = _varlen_causal(query, key, value, cu_seqlens, max_seqlen, softmax_scale)
+        out = _varlen_causal(query, key, value, cu_seqlens, freqs.shape[0], softmax_scale)
     else:
         out = packed_causal_attention_reference(query, key, value, cu_seqlens, softmax_scale=softmax_scale)
-    return hidden + F.linear(out.reshape(tokens, batch, -1), proj_weight)
+    return hidden + F.linear(out.reshape(*hidden.shape[:-1], -1), proj_weight)
 
 
 def mlp_sublayer_reference(
@@ -130,7 +127,7 @@ def mlp_sublayer_reference(
     return hidden + F.linear(swiglu_reference(F.linear(x, fc1_weight)), fc2_weight)
 
 
-def _varlen_causal(query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float):
+def _varlen_causal(query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor, max_seqlen, scale: float) -> Tensor:
     # Plain attribute access (no inspect, no caches) so torch.compile traces it; _varlen_attn() has
     # imported the module and told varlen_available() it exists before any compiled call.
     varlen_attn = torch.nn.attention.varlen.varlen_attn
@@ -148,25 +145,66 @@ _found = _varlen_attn()
 _VARLEN_CAUSAL_BY_WINDOW = _found is not None and "window_size" in _found[1]
 
 
-def attention_sublayer(hidden: Tensor, freqs: Tensor, cu_seqlens: Tensor, max_seqlen: int, *weights, **options):
-    """:func:`attention_sublayer_reference`, one compiled graph on CUDA (``use_varlen`` is decided here)."""
+def attention_sublayer(
+    hidden: Tensor, freqs: Tensor, cu_seqlens: Tensor, max_seqlen: int, *weights: Tensor, **options
+) -> Tensor:
+    """:func:`attention_sublayer_reference`, one compiled graph on CUDA in bf16/fp16.
+
+    ``freqs`` may cover more positions than ``max_seqlen`` (a host int, the longest packed sequence): it
+    is cut to ``max_seqlen`` rows here. ``use_varlen`` is decided here. Float32 (and anything without the
+    varlen kernel) runs eagerly: the reference attention loops over sequences on the host
+    (``cu_seqlens.tolist()``), which would break a compiled graph and recompile for every new set of
+    lengths, and float32 is the exactness configuration, where two runs of the same batch should execute
+    the same kernels bit for bit.
+    """
+    if freqs.shape[0] < max_seqlen:
+        raise ValueError(f"the rotary table has {freqs.shape[0]} positions but the longest sequence has {max_seqlen}")
+    if freqs.shape[0] != max_seqlen:
+        freqs = freqs[:max_seqlen]
     use_varlen = varlen_available(hidden.device, hidden.dtype)
-    if not _use_compile(hidden, "auto"):
-        return attention_sublayer_reference(
-            hidden, freqs, cu_seqlens, max_seqlen, *weights, use_varlen=use_varlen, **options
-        )
-    _rows_dynamic(attention_sublayer_reference, hidden, freqs, cu_seqlens)
-    return _compiled(attention_sublayer_reference)(
-        hidden, freqs, cu_seqlens, max_seqlen, *weights, use_varlen=use_varlen, **options
+    if not (use_varlen and _use_compile(hidden, "auto")):
+        return attention_sublayer_reference(hidden, freqs, cu_seqlens, *weights, use_varlen=use_varlen, **options)
+    _static_features(hidden, freqs)
+    return _compiled_sublayer(attention_sublayer_reference)(
+        hidden, freqs, cu_seqlens, *weights, use_varlen=use_varlen, **options
     )
 
 
-def mlp_sublayer(hidden: Tensor, *weights, eps: float) -> Tensor:
-    """:func:`mlp_sublayer_reference`, one compiled graph on CUDA (same arguments)."""
-    if not _use_compile(hidden, "auto"):
+# Graphs one sublayer function legitimately needs: grad mode on/off (training, log-prob passes,
+# recompute's no-grad forward) x the input requiring grad or not x the first layer's input (a transposed
+# view of the embedding output) or a later layer's. Token counts and lengths are symbolic and add none.
+_SUBLAYER_GRAPHS = 16
+
+
+@functools.cache
+def _compiled_sublayer(fn):
+    """``torch.compile(fn, dynamic=True)``, dynamo's per-function recompile limit raised to ``_SUBLAYER_GRAPHS``.
+
+    ``dynamic=True`` makes every size symbolic from the first compile (parameters stay static: dynamo's
+    ``force_parameter_static_shapes``), so a recompute pass that repeats an earlier micro-batch's exact
+    sizes does not get a graph specialised to them; :func:`_static_features` keeps the feature widths
+    static. Dynamo's default limit (8) is below the variants above; past it, dynamo silently runs the
+    function eagerly. The limit is a process-wide setting: it is only ever raised.
+    """
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), _SUBLAYER_GRAPHS))
+    return torch.compile(fn, dynamic=True)
+
+
+def _static_features(*tensors: Tensor) -> None:
+    """Mark every dim but the first static (the feature widths: one specialised kernel per width)."""
+    for t in tensors:
+        for dim in range(1, t.dim()):
+            torch._dynamo.mark_static(t, dim)
+
+
+def mlp_sublayer(hidden: Tensor, *weights: Tensor, eps: float) -> Tensor:
+    """:func:`mlp_sublayer_reference`, one compiled graph on CUDA in bf16/fp16."""
+    if not (hidden.dtype in (torch.bfloat16, torch.float16) and _use_compile(hidden, "auto")):
         return mlp_sublayer_reference(hidden, *weights, eps=eps)
-    _rows_dynamic(mlp_sublayer_reference, hidden)
-    return _compiled(mlp_sublayer_reference)(hidden, *weights, eps=eps)
+    _static_features(hidden)
+    return _compiled_sublayer(mlp_sublayer_reference)(hidden, *weights, eps=eps)
 
 
 @functools.cache
@@ -202,7 +240,6 @@ def fused_transformer_layer_class():
                 attention.q_layernorm.weight,
                 attention.k_layernorm.weight,
                 attention.linear_proj.weight,
-                num_query_groups=attention.num_query_groups_per_partition,
                 eps=self.input_layernorm.eps,
                 qk_eps=attention.q_layernorm.eps,
                 softmax_scale=attention.core_attention.softmax_scale,
