@@ -238,10 +238,10 @@ def _traceable_packed_attention():
 
     attend.register_autograd(backward, setup_context=setup_context)
 
-    def varlen_stand_in(query, key, value, cu_seqlens, max_seqlen, scale):
+    def varlen_stand_in(query, key, value, cu_q, cu_k, max_q, max_k, scale):
         groups = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-        return torch.ops.rlkit_test.packed_attention(query, key, value, cu_seqlens, max_seqlen, scale)
+        return torch.ops.rlkit_test.packed_attention(query, key, value, cu_q, max_q, scale)
 
     return varlen_stand_in
 
@@ -261,7 +261,7 @@ def test_compiled_route_keeps_a_bounded_set_of_graphs_under_recompute_and_new_le
     from rlkit.parallel.megatron.step import RLBatch, compute_log_probs, train_step
     from rlkit.parallel.packing import DataPacker
 
-    monkeypatch.setattr(fused_layer, "_varlen_causal", _traceable_packed_attention())
+    monkeypatch.setattr(fused_layer, "_call_varlen", _traceable_packed_attention())
     monkeypatch.setattr(fused_layer, "varlen_available", lambda device, dtype: True)
     monkeypatch.setattr(fused_layer, "_use_compile", lambda x, backend: True)
     # megatron's recompute saves the CUDA RNG state; there is none on the CPU.

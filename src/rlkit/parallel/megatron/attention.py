@@ -141,6 +141,9 @@ def _varlen_attn():
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
+_VARLEN_PARAMS: frozenset[str] = _varlen_attn()[1] if _varlen_attn() is not None else frozenset()
+
+
 def varlen_available(device: torch.device | str, dtype: torch.dtype) -> bool:
     """Whether :func:`packed_causal_attention` would run PyTorch's varlen kernel for this device and dtype."""
     on_cuda = torch.device(device).type == "cuda"
@@ -204,7 +207,9 @@ def packed_causal_attention(
 
 
 def _call_varlen(query, key, value, cu_q, cu_k, max_q: int, max_k: int, softmax_scale: float | None) -> Tensor:
-    varlen_attn, params = _varlen_attn()
+    # Module attribute and a constant set, no cache wrapper or inspect call: torch.compile traces this
+    # (rlkit.parallel.megatron.fused_layer calls it inside a compiled graph).
+    varlen_attn, params = torch.nn.attention.varlen.varlen_attn, _VARLEN_PARAMS
     kwargs: dict = {"scale": softmax_scale}
     # The causal flag is `window_size=(-1, 0)` in newer releases and `is_causal=True` in the first one.
     if "window_size" in params:

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from rlkit._optional import require
 from rlkit.parallel.megatron.attention import (
-    _varlen_attn,
+    _call_varlen,
     packed_causal_attention_reference,
     varlen_available,
 )
@@ -102,7 +102,8 @@ def attention_sublayer_reference(
     query = rms_norm_rotary_reference(query, q_norm_weight, qk_eps, angles)
     key = rms_norm_rotary_reference(key, k_norm_weight, qk_eps, angles)
     if use_varlen:
-        out = _varlen_causal(query, key, value, cu_seqlens, freqs.shape[0], softmax_scale)
+        cu = cu_seqlens.to(torch.int32)
+        out = _call_varlen(query, key, value, cu, cu, freqs.shape[0], freqs.shape[0], softmax_scale)
     else:
         out = packed_causal_attention_reference(query, key, value, cu_seqlens, softmax_scale=softmax_scale)
     return hidden + F.linear(out.reshape(*hidden.shape[:-1], -1), proj_weight)
@@ -125,24 +126,6 @@ def mlp_sublayer_reference(
     """
     x = rms_norm_reference(hidden, norm_weight, eps)
     return hidden + F.linear(swiglu_reference(F.linear(x, fc1_weight)), fc2_weight)
-
-
-def _varlen_causal(query: Tensor, key: Tensor, value: Tensor, cu_seqlens: Tensor, max_seqlen, scale: float) -> Tensor:
-    # Plain attribute access (no inspect, no caches) so torch.compile traces it; _varlen_attn() has
-    # imported the module and told varlen_available() it exists before any compiled call.
-    varlen_attn = torch.nn.attention.varlen.varlen_attn
-    groups = query.shape[1] // key.shape[1]
-    if groups != 1:
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    cu = cu_seqlens.to(torch.int32)
-    if _VARLEN_CAUSAL_BY_WINDOW:
-        return varlen_attn(query, key, value, cu, cu, max_seqlen, max_seqlen, scale=scale, window_size=(-1, 0))
-    return varlen_attn(query, key, value, cu, cu, max_seqlen, max_seqlen, scale=scale, is_causal=True)
-
-
-_found = _varlen_attn()
-# The causal flag is `window_size=(-1, 0)` in newer releases and `is_causal=True` in the first one.
-_VARLEN_CAUSAL_BY_WINDOW = _found is not None and "window_size" in _found[1]
 
 
 def attention_sublayer(
