@@ -302,14 +302,17 @@ def build_gpt_model(
         device: where the model lives.
         sequence_parallel: megatron sequence parallelism (needs TP > 1; the packed stream is padded to a
             multiple of ``cp * tp`` tokens by the step).
-        **config_overrides: passed to :func:`transformer_config_from_hf`.
+        **config_overrides: passed to :func:`transformer_config_from_hf`; among them megatron's uneven
+            pipeline split, ``num_layers_in_first_pipeline_stage`` / ``num_layers_in_last_pipeline_stage``
+            (slime's ``--decoder-first/last-pipeline-num-layers``; the other stages split the rest evenly),
+            which the weights' conversion follows.
 
     Returns:
         The ``GPTModel``; its output layer covers this TP rank's ``V' / tp`` columns of the padded vocabulary
         ``V'`` (``make_vocab_size_divisible_by`` 128 times ``tp``). ``calculate_per_token_loss`` is on: rlkit's
         losses carry the global normalizer, so megatron's schedules must not rescale them.
     """
-    from rlkit.ckpt.convert import Layout, hf_to_megatron, padded_vocab_size
+    from rlkit.ckpt.convert import hf_to_megatron, padded_vocab_size
 
     gpt = require("megatron.core.models.gpt", purpose="building a megatron-core GPTModel")
     from megatron.core import parallel_state
@@ -354,7 +357,7 @@ def build_gpt_model(
     config = transformer_config_from_hf(cfg, params_dtype=params_dtype, **parallel)
     if config.num_moe_experts is None and ep > 1:
         raise ValueError(f"expert_model_parallel_size={ep} needs a MoE model; {cfg['model_type']} has no experts")
-    layout = Layout(tp=tp, pp=pp, ep=ep, etp=etp)
+    layout = megatron_layout(config)
     model = gpt.GPTModel(
         config=config,
         transformer_layer_spec=_layer_spec(config),
@@ -387,6 +390,27 @@ def build_gpt_model(
     # inv_freq is a plain attribute (not a buffer) that .to() leaves behind; place it with the weights.
     model.rotary_pos_emb.inv_freq = model.rotary_pos_emb.inv_freq.to(device)
     return model
+
+
+def megatron_layout(config: Any = None):
+    """The :class:`~rlkit.ckpt.convert.Layout` of megatron-core's parallel state and a model's pipeline split.
+
+    Sizes come from megatron's parallel state (call :func:`init_model_parallel` first); the first and last
+    pipeline stages' layer counts from ``config`` (the model's ``TransformerConfig``, ``model.config``),
+    which megatron's parallel state does not hold. Without ``config`` the split is even.
+    """
+    from megatron.core import parallel_state as ps
+
+    from rlkit.ckpt.convert import Layout
+
+    return Layout(
+        tp=ps.get_tensor_model_parallel_world_size(),
+        pp=ps.get_pipeline_model_parallel_world_size(),
+        ep=ps.get_expert_model_parallel_world_size(),
+        etp=ps.get_expert_tensor_parallel_world_size(),
+        decoder_first_pipeline_num_layers=getattr(config, "num_layers_in_first_pipeline_stage", None),
+        decoder_last_pipeline_num_layers=getattr(config, "num_layers_in_last_pipeline_stage", None),
+    )
 
 
 def _mark_tensor_parallel_weights(model: torch.nn.Module) -> None:

@@ -53,7 +53,7 @@ from torch import Tensor
 from rlkit.ckpt import fp8 as fp8_lib
 from rlkit.ckpt.convert import Layout, Unit, as_layout, check_layout, hf_tensors_of_unit, iter_units
 from rlkit.ckpt.mappings import FAMILIES, family_for_config
-from rlkit.parallel.megatron.model import hf_config_dict
+from rlkit.parallel.megatron.model import hf_config_dict, megatron_layout
 
 Fp8Mode = Literal["off", "quantize", "roundtrip"]
 _PER_EXPERT = re.compile(r"^(?P<prefix>.*\.mlp\.experts\.)(?P<expert>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
@@ -120,19 +120,16 @@ class SyncStats:
     seconds: float
 
 
-def megatron_layout_and_groups() -> tuple[Layout, SyncGroups]:
+def megatron_layout_and_groups(config: Any = None) -> tuple[Layout, SyncGroups]:
     """The :class:`~rlkit.ckpt.convert.Layout` and :class:`SyncGroups` of megatron-core's parallel state.
 
-    Call after ``rlkit.parallel.megatron.model.init_model_parallel``.
+    Call after ``rlkit.parallel.megatron.model.init_model_parallel``. ``config``: the model's
+    ``TransformerConfig`` (``model.config``), for an uneven pipeline split (see
+    :func:`rlkit.parallel.megatron.model.megatron_layout`); without it the split is even.
     """
     from megatron.core import parallel_state as ps
 
-    layout = Layout(
-        tp=ps.get_tensor_model_parallel_world_size(),
-        pp=ps.get_pipeline_model_parallel_world_size(),
-        ep=ps.get_expert_model_parallel_world_size(),
-        etp=ps.get_expert_tensor_parallel_world_size(),
-    )
+    layout = megatron_layout(config)
     groups = SyncGroups(
         tp=ps.get_tensor_model_parallel_group(),
         ep=ps.get_expert_model_parallel_group(),
@@ -184,7 +181,8 @@ def _local(local: Mapping[str, Tensor], unit: Unit) -> Tensor:
     if unit.local_name not in local:
         raise KeyError(
             f"megatron tensor {unit.local_name!r} (global {unit.megatron}) is not on this rank; "
-            f"is the layout the model's? This rank has e.g. {sorted(local)[:4]}"
+            f"is the layout the model's (an uneven pipeline split: megatron_layout_and_groups(model.config))? "
+            f"This rank has e.g. {sorted(local)[:4]}"
         )
     return local[unit.local_name]
 

@@ -1,0 +1,122 @@
+"""An uneven pipeline split (2 gloo ranks; 1 layer on the first stage, 2 on the last) == one HF process.
+
+slime's large recipes set ``--decoder-first/last-pipeline-num-layers``; megatron-core takes them as
+``num_layers_in_first/last_pipeline_stage``. Each stage must build its own layers, load their weights
+(the HF -> megatron conversion must split the same way), train to the single-process gradients, and give
+the weight sync every stage's tensors back under their HF names.
+Reference: HF transformers' unsharded 3-layer model, the same step on one process (float32).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install 'rlkit[megatron]')")
+
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from rlkit.algos.losses import PolicyLossConfig  # noqa: E402
+from rlkit.ckpt.convert import Layout, megatron_to_hf  # noqa: E402
+from rlkit.parallel.megatron.step import RLBatch, hf_forward, train_step  # noqa: E402
+from rlkit.parallel.packing import DataPacker  # noqa: E402
+
+WORLD = 2
+VOCAB = 200
+LENGTHS = [9, 17, 5, 23, 12]
+RESPONSES = [4, 10, 2, 15, 6]
+LOSS = PolicyLossConfig(aggregation="token_mean")
+SPLIT = dict(num_layers_in_first_pipeline_stage=1)  # 3 layers: stage 0 holds layer 0, stage 1 layers 1-2
+
+
+def _hf_model():
+    from rlkit.models.tiny import build_tiny_qwen3
+
+    return build_tiny_qwen3(seed=3, vocab_size=VOCAB, num_hidden_layers=3).train()
+
+
+def _batch() -> RLBatch:
+    g = torch.Generator().manual_seed(0)
+    tokens = [torch.randint(1, VOCAB, (n,), generator=g) for n in LENGTHS]
+    adv = [torch.full((r,), float(torch.randn(1, generator=g))) for r in RESPONSES]
+    old = [-5.3 + 0.5 * torch.randn(r, generator=g) for r in RESPONSES]
+    return RLBatch(tokens=tokens, response_lengths=RESPONSES, advantages=adv, old_log_probs=old)
+
+
+def _worker(rank: int, init_file: str, results) -> None:
+    warnings.simplefilter("ignore")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    from megatron.core import parallel_state as ps
+
+    from rlkit.parallel.megatron import weight_sync
+    from rlkit.parallel.megatron.model import build_gpt_model, init_model_parallel
+    from rlkit.parallel.megatron.step import megatron_forward
+
+    try:
+        init_model_parallel(pipeline_model_parallel_size=2)
+        hf = _hf_model()
+        model = build_gpt_model(hf.config, hf_state_dict=hf.state_dict(), **SPLIT)
+        layout, groups = weight_sync.megatron_layout_and_groups(model.config)
+        synced = {
+            name: t.clone() for name, t in weight_sync.iter_hf_tensors(model, hf.config, layout=layout, groups=groups)
+        }
+        step = train_step(
+            model, None, _batch(), packer=DataPacker(max_tokens_per_gpu=40), loss_config=LOSS,
+            forward=megatron_forward(model), vocab_size=VOCAB, max_grad_norm=None,
+        )  # fmt: skip
+        results[rank] = dict(
+            layers=len(model.decoder.layers),
+            stage=ps.get_pipeline_model_parallel_rank(),
+            loss=step.loss,
+            grad_norm=step.grad_norm,
+            grads={n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+            synced=synced,
+        )
+        ps.destroy_model_parallel()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def parallel_results():
+    with tempfile.TemporaryDirectory() as tmp:
+        results = mp.Manager().dict()
+        mp.spawn(_worker, args=(os.path.join(tmp, "init"), results), nprocs=WORLD, join=True)
+        return dict(results)
+
+
+def test_uneven_stages_build_their_layers_and_sync_every_weight(parallel_results):
+    assert [parallel_results[r]["layers"] for r in range(WORLD)] == [1, 2]
+    want = _hf_model().state_dict()
+    for rank in range(WORLD):  # every rank receives the whole model under HF names, bit for bit
+        synced = parallel_results[rank]["synced"]
+        assert set(synced) == {k for k in want if k != "lm_head.weight"}  # tied head: the embedding only
+        for name, tensor in synced.items():
+            torch.testing.assert_close(tensor, want[name], rtol=0, atol=0, msg=name)
+
+
+def test_uneven_pipeline_step_reproduces_single_process(parallel_results):
+    hf = _hf_model()
+    model = copy.deepcopy(hf)
+    want = train_step(
+        model, None, _batch(), packer=DataPacker(max_tokens_per_gpu=1000), loss_config=LOSS,
+        forward=hf_forward(model), vocab_size=VOCAB, layout="bshd", max_grad_norm=None,
+    )  # fmt: skip
+    want_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    shards = {(parallel_results[r]["stage"], 0, 0): parallel_results[r]["grads"] for r in range(WORLD)}
+    grads = megatron_to_hf(shards, hf.config.to_dict(), layout=Layout(pp=2, decoder_first_pipeline_num_layers=1))
+    assert {k for k in want_grads if "layers.2." in k} <= set(grads)  # the last stage's second layer is there
+    for key, want_grad in want_grads.items():
+        scale = float(want_grad.abs().max())
+        # float32, the same sums in another order: ~1e-6 relative
+        torch.testing.assert_close(grads[key], want_grad, rtol=1e-4, atol=1e-5 * scale + 1e-9, msg=key)
+    for rank in range(WORLD):
+        assert parallel_results[rank]["loss"] == pytest.approx(want.loss, rel=1e-5, abs=1e-7)
+        assert parallel_results[rank]["grad_norm"] == pytest.approx(want.grad_norm, rel=1e-5)
