@@ -15,18 +15,20 @@ How the work is spread over the processes that ``torch.distributed.run`` launche
     next to the weights;
   * every rank then runs ``rlkit.parallel.megatron.step`` on the whole global batch: one ``DataPacker`` plan gives
     each data-parallel rank its share, the old-policy log-probs come from a no-grad pass (``compute_log_probs``),
-    and ``train_step`` sums the ranks' gradients of the global-normalizer loss (exactly the one-process gradient),
-    clips by the global norm and steps AdamW on every rank's part of the model (megatron's DistributedOptimizer
-    over megatron's DDP with ``--use-distributed-optimizer``, CUDA);
+    the reference log-probs of the KL loss (``--use-kl-loss`` with a non-zero ``--kl-loss-coef``) from a no-grad
+    pass of a frozen reference ``GPTModel`` in the same layout (built only then: the initial weights, or
+    ``--ref-load``), TIS (``--use-tis``) reads the engine's log-probs from the samples, and ``train_step`` sums
+    the ranks' gradients of the global-normalizer loss (exactly the one-process gradient), clips by the global norm
+    and steps AdamW on every rank's part of the model (megatron's DistributedOptimizer over megatron's DDP with
+    ``--use-distributed-optimizer``, CUDA);
   * after the optimizer steps of a rollout, the weights go to the engine under HF names in bounded buckets
     (``rlkit.parallel.megatron.weight_sync``, TP / EP shards gathered): copied in place into a colocated engine,
     broadcast (NCCL / gloo) into a decoupled one, which on CUDA takes the first GPU after the trainers', or written
     to disk for SGLang.
 
 Refused by name (``megatron_problems``): pipeline parallelism (one engine would need every stage's weights: the
-sync sends per stage), KL and TIS terms (the megatron step takes no reference or rollout log-probs yet), the
-distributed optimizer on CPU or with checkpoints, its CPU offload. ``--async`` makes rank 0 generate rollout k+1
-while the ranks train on k.
+sync sends per stage), the distributed optimizer on CPU or with checkpoints, its CPU offload. ``--async`` makes
+rank 0 generate rollout k+1 while the ranks train on k.
 Checkpoints: ``--save`` writes rlkit's atomic training state per model-parallel shard (megatron weights, AdamW
 state; rank 0's also holds the data position, buffer, the rollout in flight and RNG), ``--save-hf`` an HF export
 gathered from the shards; megatron-core's native ``torch_dist`` is not used (0.16.1 needs CUDA for it).
@@ -143,17 +145,6 @@ def megatron_problems(args: argparse.Namespace, *, world_size: int) -> list[str]
             "--use-distributed-optimizer with --save / --load: this recipe does not checkpoint the sharded optimizer "
             "state yet; drop one (the weights alone: --save-hf from a run without --use-distributed-optimizer)"
         )
-    if args.use_kl_loss and args.kl_loss_coef != 0:
-        problems.append(
-            f"--use-kl-loss --kl-loss-coef {args.kl_loss_coef}: not supported by the megatron backend yet (its "
-            "train step takes no reference log-probs); use --backend hf or --kl-loss-coef 0"
-        )
-    if args.use_tis:
-        problems.append("--use-tis: not supported by the megatron backend yet (its train step takes no rollout "
-                        "log-probs); use --backend hf")  # fmt: skip
-    if args.loss_aggregation == "seq_mean_token_sum_norm":
-        problems.append("--loss-aggregation seq_mean_token_sum_norm: not supported by the megatron backend yet; "
-                        "use token_mean or sample_mean")  # fmt: skip
     return problems
 
 
@@ -242,6 +233,33 @@ def megatron_policy(args, world: World, hf_policy):
         **recompute,
     )
     return model.train()
+
+
+def megatron_reference(args, world: World, hf_policy):
+    """The frozen reference ``GPTModel`` of the KL loss, in the policy's layout, without gradients.
+
+    ``--ref-load``: megatron's ``torch_dist`` (slime's converted checkpoint, any layout), or rlkit's DCP export
+    (``rlkit.ckpt.torch_dist.hf_to_torch_dist``, told by its ``hf_config.json``). Otherwise the policy's initial
+    weights, as the HF backend's reference: ``hf_policy`` after :func:`megatron_policy`, which put rank 0's
+    (warm-started) weights on every rank.
+    """
+    from rlkit.ckpt.torch_dist import CONFIG_NAME, load_megatron_dist, torch_dist_to_hf
+    from rlkit.parallel.megatron.model import build_gpt_model
+
+    state = hf_policy.state_dict()
+    rlkit_export = bool(args.ref_load) and (Path(args.ref_load) / CONFIG_NAME).exists()
+    if rlkit_export:
+        state, _ = torch_dist_to_hf(args.ref_load)
+    model = build_gpt_model(
+        hf_policy.config,
+        hf_state_dict=state,
+        params_dtype=next(hf_policy.parameters()).dtype,
+        device=world.device,
+        sequence_parallel=args.sequence_parallel and world.tp_size > 1,
+    )
+    if args.ref_load and not rlkit_export:
+        load_megatron_dist(model, args.ref_load)
+    return model.eval().requires_grad_(False)
 
 
 class ParamGroupLR:
@@ -384,30 +402,51 @@ def sync_weights(model, engine, hf_config, args, world: World) -> None:
     deliver(model, engine, hf_config, config=config, layout=layout, groups=groups)
 
 
-def train_rollout(model, optimizer, scheduler, samples, packer, loss_config, args, *, vocab_size) -> dict[str, float]:
+def rollout_log_probs(samples) -> list[torch.Tensor]:
+    """The engine's log-probs of every sample's response tokens (TIS), with the sample that lacks them named."""
+    out = []
+    for index, sample in enumerate(samples):
+        values = sample.metadata.get("rollout_log_probs")
+        if values is None or len(values) != sample.response_length:
+            raise ValueError(
+                f"--use-tis: sample {index} carries {0 if values is None else len(values)} rollout log-probs for "
+                f"{sample.response_length} response tokens; the rollout engine must report one per token"
+            )
+        out.append(torch.tensor(values, dtype=torch.float32))
+    return out
+
+
+def train_rollout(
+    model, optimizer, scheduler, samples, packer, loss_config, args, *, vocab_size, reference=None
+) -> dict[str, float]:
     """``--num-steps-per-rollout`` optimizer steps over the rollout's samples (the same on every rank).
 
     The old-policy log-probs of every step's samples are computed first, so each step's ratio is to the policy
-    that generated the rollout. Returns the metrics averaged over the steps (``loss``, ``grad_norm``, ...).
+    that generated the rollout; so are the ``reference`` model's (the KL loss) when there is one. Returns the
+    metrics averaged over the steps (``loss``, ``grad_norm``, ...).
     """
     from rlkit.parallel.megatron.step import RLBatch, compute_log_probs, megatron_forward, train_step
 
     forward = megatron_forward(model)
+    passes = {"old_log_probs": (forward, model)}
+    if reference is not None:
+        passes["ref_log_probs"] = (megatron_forward(reference), reference)
     size = args.global_batch_size
     batches = [samples[k * size : (k + 1) * size] for k in range(args.num_steps_per_rollout)]
     model.eval()
     for batch in batches:
-        values = compute_log_probs(
-            forward,
-            [torch.tensor(s.tokens) for s in batch],
-            [s.response_length for s in batch],
-            packer=packer,
-            vocab_size=vocab_size,
-            temperature=args.rollout_temperature,
-            model=model,
-        )
-        for sample, value in zip(batch, values, strict=True):
-            sample.metadata["old_log_probs"] = value
+        for key, (pass_forward, pass_model) in passes.items():
+            values = compute_log_probs(
+                pass_forward,
+                [torch.tensor(s.tokens) for s in batch],
+                [s.response_length for s in batch],
+                packer=packer,
+                vocab_size=vocab_size,
+                temperature=args.rollout_temperature,
+                model=pass_model,
+            )
+            for sample, value in zip(batch, values, strict=True):
+                sample.metadata[key] = value
     model.train()
     totals: dict[str, float] = {}
     for batch in batches:
@@ -417,10 +456,13 @@ def train_rollout(model, optimizer, scheduler, samples, packer, loss_config, arg
             advantages=[torch.tensor(s.metadata["advantages"], dtype=torch.float32) for s in batch],
             old_log_probs=[s.metadata["old_log_probs"] for s in batch],
             loss_masks=[torch.tensor(s.effective_loss_mask(), dtype=torch.float32) for s in batch],
+            ref_log_probs=[s.metadata["ref_log_probs"] for s in batch] if reference is not None else None,
+            rollout_log_probs=rollout_log_probs(batch) if loss_config.use_tis else None,
         )
         result = train_step(model, optimizer, rl_batch, packer=packer, loss_config=loss_config, forward=forward,
                             vocab_size=vocab_size, max_grad_norm=args.clip_grad,
-                            temperature=args.rollout_temperature)  # fmt: skip
+                            temperature=args.rollout_temperature,
+                            max_response_len=args.rollout_max_response_len)  # fmt: skip
         scheduler.step()
         step = result.metrics | {"grad_norm": result.grad_norm, "micro_batches": float(result.num_micro_batches)}
         for name, value in step.items():
@@ -514,8 +556,6 @@ def main(args: argparse.Namespace) -> None:
         f"{dist.get_backend()} on {world.device.type}")  # fmt: skip
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
         say("[rlkit] --sequence-parallel has no effect at TP=1 (megatron-core disables it there too)")
-    if args.ref_load:
-        say("[rlkit] --ref-load is not read: the KL term is off (--kl-loss-coef 0), so no reference model is needed")
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer, hf_policy = recipe.build_tokenizer_and_policy(args, world.device)
@@ -530,6 +570,12 @@ def main(args: argparse.Namespace) -> None:
     trained, optimizer, scheduler = build_optimizer(args, model)  # trained: the model, or megatron's DDP around it
     packer = recipe.build_packer(args, dp_size=world.dp_size, cp_size=world.cp_size)
     loss_config = recipe.build_loss_config(args)
+    reference = None
+    if loss_config.use_kl_loss:  # as slime: a reference only when the KL term can matter (it costs a model's memory)
+        reference = megatron_reference(args, world, hf_policy)
+        say(f"[rlkit] reference model for the KL loss: {args.ref_load or 'the initial weights'}")
+    elif args.ref_load:
+        say("[rlkit] --ref-load is not read: the KL term is off (--kl-loss-coef 0), so no reference model is needed")
     buffer = PartialRolloutBuffer(get_buffer_filter(args.buffer_filter_path))
     start_rollout, history, prefetched = 0, [], None
     if args.load:
@@ -568,7 +614,7 @@ def main(args: argparse.Namespace) -> None:
             dist.broadcast_object_list(payload, src=0)  # token ids, rewards, advantages: small next to weights
         samples = payload[0]
         step_metrics = train_rollout(trained, optimizer, scheduler, samples, packer, loss_config, args,
-                                     vocab_size=vocab_size)  # fmt: skip
+                                     vocab_size=vocab_size, reference=reference)  # fmt: skip
         sync_weights(model, engine, hf_config, args, world)
         if not is_main:
             if args.save and args.save_interval and (rollout_id + 1) % args.save_interval == 0:

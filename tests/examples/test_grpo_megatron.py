@@ -119,6 +119,45 @@ def test_two_processes_equal_the_hf_backend(tmp_path, hf_backend, flags, grid, e
     _assert_same_steps(records, hf_backend[0])
 
 
+# slime's seed loss terms with a non-zero coefficient: the KL to the reference (low_var_kl), TIS against the engine's
+# log-probs, and Dr.GRPO's constant normalizer. The first of the two steps per rollout runs at the reference
+# (KL = 0), the second one step away from it, so the rollout's kl_loss is a number that can disagree.
+KL_TIS = ["--use-kl-loss", "--kl-loss-coef", "0.5", "--kl-loss-type", "low_var_kl", "--use-tis",
+          "--loss-aggregation", "seq_mean_token_sum_norm"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def hf_backend_kl_tis(tmp_path_factory) -> dict[int, dict]:
+    tmp = tmp_path_factory.mktemp("hf_kl_tis")
+    _run(tmp, ["--colocate", *KL_TIS])
+    return _records(tmp)
+
+
+def _assert_kl_tis_steps(got: dict[int, dict], want: dict[int, dict]) -> None:
+    _assert_same_steps(got, want)
+    for rollout_id in want:
+        rel = 1e-5 if rollout_id == 0 else 1e-4
+        for key in ("kl_loss", "tis", "tis_clipfrac"):
+            a, b = got[rollout_id][key], want[rollout_id][key]
+            assert a == pytest.approx(b, rel=rel, abs=1e-8), (rollout_id, key, a, b)
+    assert want[0]["kl_loss"] > 1e-5 and want[0]["tis"] > 0  # the terms are on, and the KL is not 0
+
+
+def test_kl_tis_seq_norm_one_process_equals_the_hf_backend(tmp_path, hf_backend_kl_tis):
+    proc = _run(tmp_path, ["--backend", "megatron", "--colocate", *KL_TIS])
+    assert "reference model for the KL loss: the initial weights" in proc.stdout
+    _assert_kl_tis_steps(_records(tmp_path), hf_backend_kl_tis)
+
+
+@pytest.mark.slow
+def test_kl_tis_seq_norm_tensor_parallel_equals_the_hf_backend(tmp_path, hf_backend_kl_tis):
+    # the reference model is sharded like the policy: its log-probs are vocab-parallel over TP
+    flags = ["--backend", "megatron", "--colocate", "--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    proc = _run(tmp_path, [*flags, *KL_TIS], nproc=2)
+    assert "DP1 x TP2" in proc.stdout
+    _assert_kl_tis_steps(_records(tmp_path), hf_backend_kl_tis)
+
+
 def test_flags_accepted_and_rejected_per_backend(capsys):
     recipe = _load_recipe()
     hf_args = recipe.build_parser().parse_args(SEED_ARGS)
@@ -143,11 +182,13 @@ def test_flags_accepted_and_rejected_per_backend(capsys):
     assert rejected(recipe.build_parser().parse_args(extra), 1) == sorted(extra)
     assert rejected(recipe.build_parser().parse_args([]), 2) == ["torchrun"]
     # what the megatron backend cannot run yet is refused by name, with the reason
-    unsupported = ["--use-tis", "--device", "cpu", "--pipeline-model-parallel-size", "2", "--use-kl-loss",
-                   "--kl-loss-coef", "0.01", "--optimizer-cpu-offload"]  # fmt: skip
+    unsupported = ["--device", "cpu", "--pipeline-model-parallel-size", "2", "--optimizer-cpu-offload"]
     got = rejected(recipe.build_parser().parse_args(["--backend", "megatron", *unsupported]), 2)
-    assert got == sorted(["--use-tis", "--device", "--pipeline-model-parallel-size", "--use-kl-loss",
-                          "--optimizer-cpu-offload"])  # fmt: skip
+    assert got == sorted(["--device", "--pipeline-model-parallel-size", "--optimizer-cpu-offload"])
+    # the loss terms of the HF backend are the megatron backend's too (KL to a reference, TIS, Dr.GRPO's norm)
+    loss_terms = ["--use-kl-loss", "--kl-loss-coef", "0.01", "--kl-loss-type", "low_var_kl", "--use-tis",
+                  "--loss-aggregation", "seq_mean_token_sum_norm"]  # fmt: skip
+    assert rejected(recipe.build_parser().parse_args(["--backend", "megatron", *loss_terms]), 2) == []
     # megatron's DistributedOptimizer runs on CUDA, without the recipe's checkpoints
     distributed = recipe.build_parser().parse_args(["--backend", "megatron", "--use-distributed-optimizer"])
     assert rejected(distributed, 2) == ([] if torch.cuda.is_available() else ["--use-distributed-optimizer"])
@@ -155,8 +196,8 @@ def test_flags_accepted_and_rejected_per_backend(capsys):
     assert rejected(distributed, 2) == ["--use-distributed-optimizer"] * (1 if torch.cuda.is_available() else 2)
     assert recipe.backend_problems(recipe.build_parser().parse_args(["--backend", "megatron"]), world_size=2) == []
     with pytest.raises(SystemExit):
-        recipe.parse_args(["--backend", "megatron", "--use-tis"])
-    assert "--use-tis: not supported by the megatron backend yet" in capsys.readouterr().err
+        recipe.parse_args(["--backend", "megatron", "--optimizer-cpu-offload"])
+    assert "--optimizer-cpu-offload: not supported by the megatron backend" in capsys.readouterr().err
 
 
 @pytest.mark.slow

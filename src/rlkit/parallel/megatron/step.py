@@ -6,7 +6,8 @@ Data flow of :func:`train_step` (slime's ``train_one_step`` reduced to its parts
       for each micro-batch:  pack_thd (THD, cu_seqlens) or pack_bshd (padded rows)
         forward(micro) -> logits [..., T, V]       (megatron GPTModel, or HF transformers for reference)
         rlkit.algos.logprobs_and_entropy           (log p of the next token, chunked, exact gradient)
-        rlkit.algos.rl_loss(normalizer=global)     (each micro-batch's share of the global-batch loss)
+        rlkit.algos.rl_loss(normalizer=global)     (each micro-batch's share of the global-batch loss; the
+                                                    KL term reads ref_log_probs, TIS rollout_log_probs)
         backward (megatron-core's forward_backward_no_pipelining, or a plain loop)
     grad norm (L2 over all parameters) -> clip -> optimizer.step()
 
@@ -65,8 +66,10 @@ class RLBatch:
         tokens: ``N`` int64 ``[L_i]`` prompt + response token ids.
         response_lengths: ``N`` ints ``R_i``.
         advantages: ``N`` float ``[R_i]`` per-response-token advantages.
-        old_log_probs: ``N`` float ``[R_i]`` behaviour-policy log-probs of the response tokens.
+        old_log_probs: ``N`` float ``[R_i]`` behaviour-policy log-probs of the response tokens (the trainer's).
         loss_masks: ``N`` ``[R_i]`` 0/1 masks, or ``None`` for all ones.
+        ref_log_probs: ``N`` float ``[R_i]`` reference-model log-probs (the KL loss), or ``None``.
+        rollout_log_probs: ``N`` float ``[R_i]`` log-probs reported by the rollout engine (TIS), or ``None``.
     """
 
     tokens: Sequence[Tensor]
@@ -74,6 +77,8 @@ class RLBatch:
     advantages: Sequence[Tensor]
     old_log_probs: Sequence[Tensor]
     loss_masks: Sequence[Tensor] | None = None
+    ref_log_probs: Sequence[Tensor] | None = None
+    rollout_log_probs: Sequence[Tensor] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.tokens)
@@ -82,12 +87,20 @@ class RLBatch:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries for {n} samples; give one per sample")
         if self.loss_masks is not None and len(self.loss_masks) != n:
             raise ValueError(f"loss_masks has {len(self.loss_masks)} entries for {n} samples")
-        for i, (adv, old, r) in enumerate(zip(self.advantages, self.old_log_probs, self.response_lengths, strict=True)):
-            if adv.shape[-1] != r or old.shape[-1] != r:
-                raise ValueError(
-                    f"sample {i}: advantages {tuple(adv.shape)} and old_log_probs {tuple(old.shape)} must have "
-                    f"response_length={r} entries"
-                )
+        for name, per_sample in self.per_token_values().items():
+            if len(per_sample) != n:
+                raise ValueError(f"{name} has {len(per_sample)} entries for {n} samples; give one per sample")
+            for i, (values, r) in enumerate(zip(per_sample, self.response_lengths, strict=True)):
+                if values.shape[-1] != r:
+                    raise ValueError(f"sample {i}: {name} {tuple(values.shape)} must have response_length={r} entries")
+
+    def per_token_values(self) -> dict[str, Sequence[Tensor]]:
+        """The per-response-token inputs this batch carries, by name (``advantages``, ``old_log_probs``, ...)."""
+        values = {"advantages": self.advantages, "old_log_probs": self.old_log_probs}
+        for name in ("ref_log_probs", "rollout_log_probs"):
+            if getattr(self, name) is not None:
+                values[name] = getattr(self, name)
+        return values
 
     def loss_token_counts(self) -> list[int]:
         """Loss tokens per sample (``sum(loss_mask)``, or ``R_i`` when there is no mask)."""
@@ -126,15 +139,15 @@ def build_micro_batch(
 ) -> MicroBatch:
     """Pack the samples ``indices`` of ``batch`` as THD (``pack_thd``) or padded rows (``pack_bshd``).
 
-    ``seq_multiple`` / ``total_multiple`` pad THD sequences and the stream (:func:`pack_thd`).
+    Every per-token input of ``batch`` (:meth:`RLBatch.per_token_values`: advantages, old / reference / rollout
+    log-probs) lands in ``micro.values`` at the prediction positions, 0 elsewhere, so it is padded, CP-sharded and
+    moved exactly as the tokens are. ``seq_multiple`` / ``total_multiple`` pad THD sequences and the stream
+    (:func:`pack_thd`).
     """
     tokens = [batch.tokens[i] for i in indices]
     responses = [int(batch.response_lengths[i]) for i in indices]
     masks = None if batch.loss_masks is None else [batch.loss_masks[i] for i in indices]
-    values = {
-        "advantages": [batch.advantages[i].float() for i in indices],
-        "old_log_probs": [batch.old_log_probs[i].float() for i in indices],
-    }
+    values = {name: [per_sample[i].float() for i in indices] for name, per_sample in batch.per_token_values().items()}
     if layout == "thd":
         return pack_thd(
             tokens, responses, loss_masks=masks, values=values, sample_ids=list(indices), pad_id=pad_id,
@@ -211,7 +224,9 @@ def micro_batch_loss(
         logits: ``[T, V']`` (THD) or ``[B, S, V']`` (padded), prediction-aligned with ``micro.target_ids``;
             ``V' >= vocab_size`` (megatron pads the vocabulary; padded columns are dropped). With
             ``tp_group``: this TP rank's ``[T, V'/tp]`` slice (see :func:`token_log_probs`).
-        micro: the packed micro-batch (under CP: this rank's tokens of it).
+        micro: the packed micro-batch (under CP: this rank's tokens of it); ``micro.values`` holds
+            ``advantages``, ``old_log_probs`` and, when the loss uses them, ``ref_log_probs`` (KL) and
+            ``rollout_log_probs`` (TIS).
         indices: global sample index of each sample of ``micro`` (row order for padded input).
         loss_config: ``rl_loss`` hyper-parameters.
         normalizer: global normalizer of the step (``PackPlan.normalizer``).
@@ -240,10 +255,17 @@ def micro_batch_loss(
         micro.loss_mask.to(device),
         config=loss_config,
         normalizer=normalizer,
+        ref_log_probs=_value_on(micro, "ref_log_probs", device),
         entropy=entropy,
+        rollout_log_probs=_value_on(micro, "rollout_log_probs", device),
         sample_ids=host_to_device(sample_ids, device),
         sample_loss_token_counts=host_to_device(sample_loss_token_counts, device),
     )
+
+
+def _value_on(micro: MicroBatch, name: str, device: torch.device) -> Tensor | None:
+    value = micro.values.get(name)
+    return None if value is None else value.to(device)
 
 
 def host_to_device(x: Tensor, device: torch.device | str) -> Tensor:
@@ -562,6 +584,25 @@ def _local_grad_norm(parameters: Sequence[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
+def _check_loss_inputs(batch: RLBatch, loss_config: PolicyLossConfig, max_response_len: int | None) -> None:
+    """Name the input the loss configuration needs and the batch lacks, before any forward runs."""
+    if loss_config.use_kl_loss and batch.ref_log_probs is None:
+        raise ValueError(
+            f"loss_config.use_kl_loss=True (kl_loss_coef={loss_config.kl_loss_coef}) needs RLBatch.ref_log_probs: "
+            "compute them with compute_log_probs on the reference model, or set use_kl_loss=False"
+        )
+    if loss_config.use_tis and batch.rollout_log_probs is None:
+        raise ValueError(
+            "loss_config.use_tis=True needs RLBatch.rollout_log_probs (the rollout engine's log-probs of the "
+            "response tokens), or set use_tis=False"
+        )
+    if loss_config.aggregation == "seq_mean_token_sum_norm" and max_response_len is None:
+        raise ValueError(
+            "loss_config.aggregation='seq_mean_token_sum_norm' divides by num_samples * max_response_len: pass "
+            "train_step(..., max_response_len=<the generation budget, --rollout-max-response-len>)"
+        )
+
+
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None,
@@ -575,6 +616,7 @@ def train_step(
     max_grad_norm: float | None = 1.0,
     temperature: float = 1.0,
     use_megatron_schedule: bool = False,
+    max_response_len: int | None = None,
 ) -> StepResult:
     """One optimizer step on ``batch``, on one process or on every rank of a megatron layout.
 
@@ -587,7 +629,8 @@ def train_step(
             backward, the gradient reduction and the grad norm (gradients are left in ``.grad``); or
             megatron's ``DistributedOptimizer`` with ``model`` wrapped in megatron's DDP
             (:func:`rlkit.parallel.megatron.distributed.build_distributed_optimizer`, CUDA).
-        batch: the step's samples.
+        batch: the step's samples; with ``loss_config.use_kl_loss`` it needs ``ref_log_probs``, with
+            ``loss_config.use_tis`` ``rollout_log_probs``.
         packer: micro-batch planner; its ``dp_size`` and ``cp_size`` must equal megatron's.
         loss_config: ``rl_loss`` hyper-parameters; ``loss_config.aggregation`` picks the normalizer.
         forward: ``micro -> logits``, e.g. :func:`megatron_forward` or :func:`hf_forward`.
@@ -599,6 +642,9 @@ def train_step(
             loop (same result; the model needs ``calculate_per_token_loss=True``, which
             :func:`~rlkit.parallel.megatron.model.build_gpt_model` sets). PP > 1 always uses megatron's
             pipeline schedule.
+        max_response_len: the generation budget ``L`` (``--rollout-max-response-len``) of the
+            ``seq_mean_token_sum_norm`` aggregation, whose normalizer is ``N * L`` for the ``N`` samples of the
+            global batch: a constant of the step, so every micro-batch, DP rank and CP shard divides by it.
 
     Returns:
         A :class:`StepResult` with the global loss, the pre-clip global gradient norm and summed metrics,
@@ -606,6 +652,7 @@ def train_step(
     """
     from rlkit.parallel.megatron.distributed import is_megatron_optimizer
 
+    _check_loss_inputs(batch, loss_config, max_response_len)
     ctx = _context(model)
     _check_packer(packer, ctx, layout)
     megatron_optimizer = is_megatron_optimizer(optimizer)
@@ -620,7 +667,7 @@ def train_step(
         optimizer.zero_grad()
     counts = batch.loss_token_counts()
     plan: PackPlan = packer.pack([len(t) for t in batch.tokens], loss_token_counts=counts)
-    normalizer = plan.normalizer(loss_config.aggregation)
+    normalizer = plan.normalizer(loss_config.aggregation, max_response_len=max_response_len)
     rank_micros = _rank_micro_batches(model, batch, plan, ctx, layout)
     loss_fn_kwargs = dict(
         loss_config=loss_config,
