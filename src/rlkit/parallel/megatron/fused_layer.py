@@ -49,6 +49,63 @@ from rlkit.parallel.megatron.fused import (
 )
 
 
+def attention_core_reference(
+    x: Tensor,
+    freqs: Tensor,
+    cu_seqlens: Tensor,
+    qkv_weight: Tensor,
+    q_norm_weight: Tensor,
+    k_norm_weight: Tensor,
+    proj_weight: Tensor,
+    *,
+    qk_eps: float,
+    softmax_scale: float,
+    use_varlen: bool,
+) -> Tensor:
+    """Causal self-attention with QK-norm and RoPE over THD-packed sequences, output projection included.
+
+    ``[q; k; v] = x W_qkv^T`` in megatron's grouped layout (per query group ``g``: its ``Hq/G`` query
+    heads, then its key head, then its value head); ``q, k = rope(rms_norm(q)), rope(rms_norm(k))`` with
+    positions restarting in every sequence; ``out = attn(q, k, v) W_o^T`` (causal within each sequence,
+    GQA). Norms in float32 rounded once, as :func:`rlkit.parallel.megatron.fused.rms_norm_reference`
+    (HF's Qwen3 order). Under tensor parallelism the weights are this rank's heads (``W_qkv``'s rows,
+    ``W_o``'s columns) and the result is this rank's partial sum of the projection.
+
+    Args:
+        x: ``[T, D]`` or ``[T, 1, D]`` normalised layer input, every token of the micro-batch (bf16/fp32).
+        freqs: ``[L, 1, 1, d]`` float rotary angles of positions ``0 .. L-1`` (megatron's ``rotary_pos_emb``),
+            ``L`` the longest sequence: it is also the varlen kernel's ``max_seqlen``, a tensor size rather
+            than an int argument so that ``torch.compile`` keeps it symbolic instead of guarding on its value.
+        cu_seqlens: ``[N + 1]`` int cumulative sequence lengths, ending at ``T``.
+        qkv_weight: ``[G * (Hq/G + 2) * d, D]``.
+        q_norm_weight: ``[d]``; k_norm_weight: ``[d]``.
+        proj_weight: ``[D, Hq * d]``. ``G = (rows(W_qkv) - cols(W_o)) / 2d`` follows from the two shapes
+            (parameters' sizes stay static under ``torch.compile``, where an int argument would not).
+        qk_eps: the QK norms' epsilon.
+        softmax_scale: usually ``1 / sqrt(d)``.
+        use_varlen: PyTorch's varlen flash kernel (CUDA, fp16/bf16), else one SDPA call per sequence.
+
+    Returns:
+        Shape and dtype of ``x``.
+    """
+    tokens = x.shape[0]
+    head_dim = q_norm_weight.shape[0]
+    num_query_groups = (qkv_weight.shape[0] - proj_weight.shape[1]) // (2 * head_dim)
+    per_group = qkv_weight.shape[0] // (num_query_groups * head_dim)
+    mixed = F.linear(x, qkv_weight).view(tokens, num_query_groups, per_group * head_dim)
+    query, key, value = mixed.split([(per_group - 2) * head_dim, head_dim, head_dim], dim=-1)
+    query = query.reshape(tokens, -1, head_dim)
+    angles = freqs[packed_positions(cu_seqlens, tokens)].view(tokens, 1, head_dim).float()
+    query = rms_norm_rotary_reference(query, q_norm_weight, qk_eps, angles)
+    key = rms_norm_rotary_reference(key, k_norm_weight, qk_eps, angles)
+    if use_varlen:
+        cu = cu_seqlens.to(torch.int32)
+        out = _call_varlen(query, key, value, cu, cu, freqs.shape[0], freqs.shape[0], softmax_scale)
+    else:
+        out = packed_causal_attention_reference(query, key, value, cu_seqlens, softmax_scale=softmax_scale)
+    return F.linear(out.reshape(*x.shape[:-1], -1), proj_weight)
+
+
 def attention_sublayer_reference(
     hidden: Tensor,
     freqs: Tensor,
@@ -64,81 +121,73 @@ def attention_sublayer_reference(
     softmax_scale: float,
     use_varlen: bool,
 ) -> Tensor:
-    """Pre-norm causal self-attention with QK-norm and RoPE over THD-packed sequences, plus the residual.
-
-    ``x = rms_norm(h)``; ``[q; k; v] = x W_qkv^T`` in megatron's grouped layout (per query group
-    ``g``: its ``Hq/G`` query heads, then its key head, then its value head);
-    ``q, k = rope(rms_norm(q)), rope(rms_norm(k))`` with positions restarting in every sequence;
-    ``out = h + attn(q, k, v) W_o^T`` (causal within each sequence, GQA). Norms in float32 rounded
-    once, as :func:`rlkit.parallel.megatron.fused.rms_norm_reference` (HF's Qwen3 order).
+    """Pre-norm attention plus the residual (one rank): ``h + attention_core(rms_norm(h))``.
 
     Args:
-        hidden: ``[T, D]`` or ``[T, 1, D]`` layer input (bf16/fp32).
-        freqs: ``[L, 1, 1, d]`` float rotary angles of positions ``0 .. L-1`` (megatron's ``rotary_pos_emb``),
-            ``L`` the longest sequence: it is also the varlen kernel's ``max_seqlen``, a tensor size rather
-            than an int argument so that ``torch.compile`` keeps it symbolic instead of guarding on its value.
-        cu_seqlens: ``[N + 1]`` int cumulative sequence lengths, ending at ``T``.
-        norm_weight: ``[D]`` input RMSNorm weight.
-        qkv_weight: ``[G * (Hq/G + 2) * d, D]``.
-        q_norm_weight: ``[d]``; k_norm_weight: ``[d]``.
-        proj_weight: ``[D, Hq * d]``. ``G = (rows(W_qkv) - cols(W_o)) / 2d`` follows from the two shapes
-            (parameters' sizes stay static under ``torch.compile``, where an int argument would not).
-        eps: input norm epsilon; qk_eps: the QK norms' epsilon.
-        softmax_scale: usually ``1 / sqrt(d)``.
-        use_varlen: PyTorch's varlen flash kernel (CUDA, fp16/bf16), else one SDPA call per sequence.
+        hidden: ``[T, D]`` or ``[T, 1, D]`` layer input.
+        norm_weight: ``[D]`` input RMSNorm weight; eps: its epsilon.
+        freqs, cu_seqlens, qkv_weight, q_norm_weight, k_norm_weight, proj_weight, qk_eps, softmax_scale,
+            use_varlen: as for :func:`attention_core_reference`.
 
     Returns:
         Shape and dtype of ``hidden``.
     """
-    tokens = hidden.shape[0]
-    head_dim = q_norm_weight.shape[0]
-    num_query_groups = (qkv_weight.shape[0] - proj_weight.shape[1]) // (2 * head_dim)
-    per_group = qkv_weight.shape[0] // (num_query_groups * head_dim)
     x = rms_norm_reference(hidden, norm_weight, eps)
-    mixed = F.linear(x, qkv_weight).view(tokens, num_query_groups, per_group * head_dim)
-    query, key, value = mixed.split([(per_group - 2) * head_dim, head_dim, head_dim], dim=-1)
-    query = query.reshape(tokens, -1, head_dim)
-    angles = freqs[packed_positions(cu_seqlens, tokens)].view(tokens, 1, head_dim).float()
-    query = rms_norm_rotary_reference(query, q_norm_weight, qk_eps, angles)
-    key = rms_norm_rotary_reference(key, k_norm_weight, qk_eps, angles)
-    if use_varlen:
-        cu = cu_seqlens.to(torch.int32)
-        out = _call_varlen(query, key, value, cu, cu, freqs.shape[0], freqs.shape[0], softmax_scale)
-    else:
-        out = packed_causal_attention_reference(query, key, value, cu_seqlens, softmax_scale=softmax_scale)
-    return hidden + F.linear(out.reshape(*hidden.shape[:-1], -1), proj_weight)
+    core = (qkv_weight, q_norm_weight, k_norm_weight, proj_weight)
+    options = dict(qk_eps=qk_eps, softmax_scale=softmax_scale, use_varlen=use_varlen)
+    return hidden + attention_core_reference(x, freqs, cu_seqlens, *core, **options)
+
+
+def mlp_core_reference(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor) -> Tensor:
+    """SwiGLU MLP: ``swiglu(x W_1^T) W_2^T`` (under TP: this rank's ``F / tp`` columns, a partial sum).
+
+    Args:
+        x: ``[..., D]`` normalised input.
+        fc1_weight: ``[2F, D]``, gate rows first (megatron's ``linear_fc1``).
+        fc2_weight: ``[D, F]``.
+
+    Returns:
+        ``[..., D]``, dtype of ``x``.
+    """
+    return F.linear(swiglu_reference(F.linear(x, fc1_weight)), fc2_weight)
 
 
 def mlp_sublayer_reference(
     hidden: Tensor, norm_weight: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, *, eps: float
 ) -> Tensor:
-    """Pre-norm SwiGLU MLP plus the residual: ``h + swiglu(rms_norm(h) W_1^T) W_2^T``.
+    """Pre-norm SwiGLU MLP plus the residual (one rank): ``h + mlp_core(rms_norm(h))``.
 
     Args:
         hidden: ``[..., D]``.
-        norm_weight: ``[D]``.
-        fc1_weight: ``[2F, D]``, gate rows first (megatron's ``linear_fc1``).
-        fc2_weight: ``[D, F]``.
-        eps: the norm's epsilon.
+        norm_weight: ``[D]``; eps: its epsilon.
+        fc1_weight, fc2_weight: as for :func:`mlp_core_reference`.
 
     Returns:
         ``[..., D]``, dtype of ``hidden``.
     """
-    x = rms_norm_reference(hidden, norm_weight, eps)
-    return hidden + F.linear(swiglu_reference(F.linear(x, fc1_weight)), fc2_weight)
+    return hidden + mlp_core_reference(rms_norm_reference(hidden, norm_weight, eps), fc1_weight, fc2_weight)
 
 
 def attention_sublayer(
     hidden: Tensor, freqs: Tensor, cu_seqlens: Tensor, max_seqlen: int, *weights: Tensor, **options
 ) -> Tensor:
-    """:func:`attention_sublayer_reference`, one compiled graph on CUDA in bf16/fp16.
+    """:func:`attention_sublayer_reference`, one compiled graph on CUDA in bf16/fp16 (see :func:`_attention_call`)."""
+    return _attention_call(attention_sublayer_reference, hidden, freqs, cu_seqlens, max_seqlen, weights, options)
+
+
+def attention_core(x: Tensor, freqs: Tensor, cu_seqlens: Tensor, max_seqlen: int, *weights: Tensor, **options):
+    """:func:`attention_core_reference`, one compiled graph on CUDA in bf16/fp16 (see :func:`_attention_call`)."""
+    return _attention_call(attention_core_reference, x, freqs, cu_seqlens, max_seqlen, weights, options)
+
+
+def _attention_call(fn, hidden: Tensor, freqs: Tensor, cu_seqlens: Tensor, max_seqlen: int, weights, options):
+    """Run ``fn`` (an attention reference) eagerly or compiled; ``use_varlen`` is decided here.
 
     ``freqs`` may cover more positions than ``max_seqlen`` (a host int, the longest packed sequence): it
-    is cut to ``max_seqlen`` rows here. ``use_varlen`` is decided here. Float32 (and anything without the
-    varlen kernel) runs eagerly: the reference attention loops over sequences on the host
-    (``cu_seqlens.tolist()``), which would break a compiled graph and recompile for every new set of
-    lengths, and float32 is the exactness configuration, where two runs of the same batch should execute
-    the same kernels bit for bit.
+    is cut to ``max_seqlen`` rows. Float32 (and anything without the varlen kernel) runs eagerly: the
+    reference attention loops over sequences on the host (``cu_seqlens.tolist()``), which would break a
+    compiled graph and recompile for every new set of lengths, and float32 is the exactness
+    configuration, where two runs of the same batch should execute the same kernels bit for bit.
     """
     if freqs.shape[0] < max_seqlen:
         raise ValueError(f"the rotary table has {freqs.shape[0]} positions but the longest sequence has {max_seqlen}")
@@ -146,11 +195,9 @@ def attention_sublayer(
         freqs = freqs[:max_seqlen]
     use_varlen = varlen_available(hidden.device, hidden.dtype)
     if not (use_varlen and _use_compile(hidden, "auto")):
-        return attention_sublayer_reference(hidden, freqs, cu_seqlens, *weights, use_varlen=use_varlen, **options)
+        return fn(hidden, freqs, cu_seqlens, *weights, use_varlen=use_varlen, **options)
     _static_features(hidden, freqs)
-    return _compiled_sublayer(attention_sublayer_reference)(
-        hidden, freqs, cu_seqlens, *weights, use_varlen=use_varlen, **options
-    )
+    return _compiled_sublayer(fn)(hidden, freqs, cu_seqlens, *weights, use_varlen=use_varlen, **options)
 
 
 # Graphs one sublayer function legitimately needs: grad mode on/off (training, log-prob passes,
@@ -184,10 +231,19 @@ def _static_features(*tensors: Tensor) -> None:
 
 def mlp_sublayer(hidden: Tensor, *weights: Tensor, eps: float) -> Tensor:
     """:func:`mlp_sublayer_reference`, one compiled graph on CUDA in bf16/fp16."""
+    return _mlp_call(mlp_sublayer_reference, hidden, weights, dict(eps=eps))
+
+
+def mlp_core(x: Tensor, *weights: Tensor) -> Tensor:
+    """:func:`mlp_core_reference`, one compiled graph on CUDA in bf16/fp16."""
+    return _mlp_call(mlp_core_reference, x, weights, {})
+
+
+def _mlp_call(fn, hidden: Tensor, weights, options) -> Tensor:
     if not (hidden.dtype in (torch.bfloat16, torch.float16) and _use_compile(hidden, "auto")):
-        return mlp_sublayer_reference(hidden, *weights, eps=eps)
+        return fn(hidden, *weights, **options)
     _static_features(hidden)
-    return _compiled_sublayer(mlp_sublayer_reference)(hidden, *weights, eps=eps)
+    return _compiled_sublayer(fn)(hidden, *weights, **options)
 
 
 @functools.cache
@@ -213,34 +269,34 @@ def fused_transformer_layer_class():
             if not (self._routes()[0] and attention_mask is None and _attention_call_fusable(hidden_states, kwargs)):
                 return super()._forward_attention(hidden_states, attention_mask, **kwargs)
             attention, packed = self.self_attention, kwargs["packed_seq_params"]
-            out = attention_sublayer(
-                hidden_states,
-                kwargs["rotary_pos_emb"],
-                packed.cu_seqlens_q,
-                packed.max_seqlen_q,
-                self.input_layernorm.weight,
+            weights = (
                 attention.linear_qkv.weight,
                 attention.q_layernorm.weight,
                 attention.k_layernorm.weight,
                 attention.linear_proj.weight,
-                eps=self.input_layernorm.eps,
-                qk_eps=attention.q_layernorm.eps,
-                softmax_scale=attention.core_attention.softmax_scale,
             )
+            where = (kwargs["rotary_pos_emb"], packed.cu_seqlens_q, packed.max_seqlen_q)
+            options = dict(qk_eps=attention.q_layernorm.eps, softmax_scale=attention.core_attention.softmax_scale)
+            norm, tp_group = self.input_layernorm, self.pg_collection.tp
+            if tp_group.size() == 1:
+                out = attention_sublayer(hidden_states, *where, norm.weight, *weights, eps=norm.eps, **options)
+            else:
+                x = _into_tensor_parallel(norm(hidden_states), self.config.sequence_parallel, tp_group)
+                partial = attention_core(x, *where, *weights, **options)
+                out = hidden_states + _out_of_tensor_parallel(partial, self.config.sequence_parallel, tp_group)
             return out, kwargs.get("context")
 
         def _forward_mlp(self, hidden_states: Tensor, inference_context=None, padding_mask: Tensor | None = None):
             """As ``TransformerLayer._forward_mlp``: ``[S, B, D] -> [S, B, D]``."""
             if not (self._routes()[1] and inference_context is None):
                 return super()._forward_mlp(hidden_states, inference_context, padding_mask=padding_mask)
-            mlp = self.mlp
-            return mlp_sublayer(
-                hidden_states,
-                self.pre_mlp_layernorm.weight,
-                mlp.linear_fc1.weight,
-                mlp.linear_fc2.weight,
-                eps=self.pre_mlp_layernorm.eps,
-            )
+            weights = (self.mlp.linear_fc1.weight, self.mlp.linear_fc2.weight)
+            norm, tp_group = self.pre_mlp_layernorm, self.pg_collection.tp
+            if tp_group.size() == 1:
+                return mlp_sublayer(hidden_states, norm.weight, *weights, eps=norm.eps)
+            x = _into_tensor_parallel(norm(hidden_states), self.config.sequence_parallel, tp_group)
+            partial = mlp_core(x, *weights)
+            return hidden_states + _out_of_tensor_parallel(partial, self.config.sequence_parallel, tp_group)
 
         def _routes(self) -> tuple[bool, bool]:
             """Whether the module structure and config allow the fused attention / MLP sublayer (cached)."""
@@ -254,9 +310,7 @@ def fused_transformer_layer_class():
         config = layer.config
         attention = layer.self_attention
         common = (
-            layer.pg_collection.tp.size() == 1
-            and layer.pg_collection.cp.size() == 1
-            and not config.sequence_parallel
+            layer.pg_collection.cp.size() == 1
             and config.hidden_dropout == 0.0
             and not (config.fp8 or getattr(config, "fp4", None))
             and not getattr(config, "inference_fuse_tp_communication", False)
@@ -271,6 +325,8 @@ def fused_transformer_layer_class():
             and type(attention.k_layernorm) is norm_cls
             and type(attention.core_attention) is core_cls
             and attention.core_attention.cp_group is None
+            # Fewer query groups than TP ranks: megatron all-gathers QKV and slices it; not this route.
+            and attention.num_query_groups_per_partition * layer.pg_collection.tp.size() == config.num_query_groups
             and isinstance(layer.cross_attention, IdentityOp)
             and isinstance(layer.pre_cross_attn_layernorm, IdentityOp)
             and no_bias(attention.linear_qkv, attention.linear_proj)
@@ -302,6 +358,32 @@ def fused_transformer_layer_class():
         return bool(attention_ok), bool(mlp_ok)
 
     return FusedTransformerLayer
+
+
+def _into_tensor_parallel(x: Tensor, sequence_parallel: bool, group) -> Tensor:
+    """A column-parallel input, as megatron's ``ColumnParallelLinear`` forms it.
+
+    Sequence parallel: all-gather the tokens (backward: reduce-scatter the gradient). Otherwise:
+    identity (backward: all-reduce the gradient, each rank having used ``x`` for its own columns).
+    """
+    from megatron.core.tensor_parallel import mappings
+
+    if sequence_parallel:
+        return mappings.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=True, group=group)
+    return mappings.copy_to_tensor_model_parallel_region(x, group=group)
+
+
+def _out_of_tensor_parallel(partial: Tensor, sequence_parallel: bool, group) -> Tensor:
+    """Sum a row-parallel output's partial sums, as megatron's ``RowParallelLinear`` does.
+
+    Sequence parallel: reduce-scatter over the tokens (backward: all-gather). Otherwise: all-reduce
+    (backward: identity).
+    """
+    from megatron.core.tensor_parallel import mappings
+
+    if sequence_parallel:
+        return mappings.reduce_scatter_to_sequence_parallel_region(partial, group=group)
+    return mappings.reduce_from_tensor_model_parallel_region(partial, group=group)
 
 
 def _attention_call_fusable(hidden_states: Tensor, kwargs: dict) -> bool:

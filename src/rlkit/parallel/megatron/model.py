@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rlkit._optional import require
-from rlkit.parallel.megatron.fused import rms_norm_reference
-from rlkit.parallel.megatron.spec import gpt_layer_spec
+from rlkit.parallel.megatron.spec import FusedRMSNorm, gpt_layer_spec
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
 
@@ -140,39 +139,16 @@ def _moe_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-class SequenceParallelRMSNorm(torch.nn.Module):
-    """RMSNorm usable under megatron sequence parallelism (the local spec's torch norm refuses SP).
-
-    ``y = w * x / sqrt(mean(x^2) + eps)`` in float32, cast back (as HF Qwen3's ``Qwen3RMSNorm``). Under SP
-    each TP rank normalises its own tokens, so ``w``'s gradient is partial; ``w.sequence_parallel = True``
-    makes :func:`rlkit.parallel.megatron.distributed.finalize_grads` sum it over TP (megatron's rule).
-    """
-
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused_norm_options: Any):
-        super().__init__()
-        self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
-        self.weight.sequence_parallel = config.sequence_parallel
-
-    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
-        return rms_norm_reference(x, self.weight, self.eps)
-
-
 def _layer_spec(config):
-    """The layer spec of :func:`gpt_layer_spec`; under SP every norm is :class:`SequenceParallelRMSNorm`."""
+    """The layer spec of :func:`gpt_layer_spec`; under SP a block spec whose final norm is SP-aware too."""
+    spec = gpt_layer_spec(num_experts=config.num_moe_experts)
     if not config.sequence_parallel:
-        return gpt_layer_spec(num_experts=config.num_moe_experts)
+        return spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    # The SP path was verified on 2 GPUs with megatron's stock modules and these eager norms.
-    spec = gpt_layer_spec(num_experts=config.num_moe_experts, fused=False)
-    spec.submodules.input_layernorm = SequenceParallelRMSNorm
-    spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
-    attention = spec.submodules.self_attention.submodules
-    attention.q_layernorm = attention.k_layernorm = SequenceParallelRMSNorm
-    return TransformerBlockSubmodules(
-        layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=SequenceParallelRMSNorm
-    )
+    # megatron's local final norm (torch's RMSNorm wrapper) refuses SP; FusedRMSNorm marks its weight
+    # sequence_parallel, so finalize_grads sums its gradient over TP.
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=FusedRMSNorm)
 
 
 def init_model_parallel(

@@ -1,0 +1,118 @@
+"""The compiled-sublayer route under tensor parallelism (2 gloo ranks), with and without sequence parallelism.
+
+Each rank runs the sublayers' cores on its heads / MLP columns between megatron's TP mappings (all-gather
+and reduce-scatter under SP, identity and all-reduce without). Reference: the same layers run module by
+module through megatron's ``TransformerLayer`` (``compiled_sublayers=False``), whose TP2 and TP2+SP steps
+equal HF transformers' single-process step (test_megatron_mp_step.py). float32: a few ulps.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+import warnings
+from unittest import mock
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install 'rlkit[megatron]')")
+
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from rlkit.algos.losses import PolicyLossConfig  # noqa: E402
+from rlkit.parallel.megatron.step import RLBatch, train_step  # noqa: E402
+from rlkit.parallel.packing import DataPacker  # noqa: E402
+
+WORLD = 2
+VOCAB = 200
+LENGTHS = [9, 17, 5, 23, 12]
+RESPONSES = [4, 10, 2, 15, 6]
+
+
+def _batch() -> RLBatch:
+    g = torch.Generator().manual_seed(0)
+    tokens = [torch.randint(1, VOCAB, (n,), generator=g) for n in LENGTHS]
+    adv = [torch.full((r,), float(torch.randn(1, generator=g))) for r in RESPONSES]
+    old = [-5.3 + 0.5 * torch.randn(r, generator=g) for r in RESPONSES]
+    return RLBatch(tokens=tokens, response_lengths=RESPONSES, advantages=adv, old_log_probs=old)
+
+
+def _worker(rank: int, init_file: str, results) -> None:
+    warnings.simplefilter("ignore")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    from megatron.core import parallel_state as ps
+
+    from rlkit.models.tiny import build_tiny_qwen3
+    from rlkit.parallel.megatron import fused_layer
+    from rlkit.parallel.megatron import model as megatron_model
+    from rlkit.parallel.megatron.spec import gpt_layer_spec
+    from rlkit.parallel.megatron.step import megatron_forward
+
+    calls = {"attention_core": 0, "mlp_core": 0}
+
+    def counted(name):
+        fn = getattr(fused_layer, name)
+
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    try:
+        for sequence_parallel in (False, True):
+            megatron_model.init_model_parallel(tensor_model_parallel_size=2)
+            hf = build_tiny_qwen3(seed=3, vocab_size=VOCAB)
+            for compiled in (True, False):
+                spec = functools.partial(gpt_layer_spec, compiled_sublayers=compiled)
+                with mock.patch.object(megatron_model, "gpt_layer_spec", spec):
+                    model = megatron_model.build_gpt_model(
+                        hf.config, hf_state_dict=hf.state_dict(), sequence_parallel=sequence_parallel
+                    )
+                calls.update(attention_core=0, mlp_core=0)
+                with (
+                    mock.patch.object(fused_layer, "attention_core", counted("attention_core")),
+                    mock.patch.object(fused_layer, "mlp_core", counted("mlp_core")),
+                ):
+                    step = train_step(
+                        model, None, _batch(), packer=DataPacker(max_tokens_per_gpu=40),
+                        loss_config=PolicyLossConfig(), forward=megatron_forward(model), vocab_size=VOCAB,
+                        max_grad_norm=None,
+                    )  # fmt: skip
+                results[(sequence_parallel, compiled, rank)] = dict(
+                    loss=step.loss,
+                    grad_norm=step.grad_norm,
+                    calls=dict(calls),
+                    micro_batches=step.num_micro_batches,
+                    layers=len(model.decoder.layers),
+                    grads={n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                )
+            ps.destroy_model_parallel()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results():
+    with tempfile.TemporaryDirectory() as tmp:
+        out = mp.Manager().dict()
+        mp.spawn(_worker, args=(os.path.join(tmp, "init"), out), nprocs=WORLD, join=True)
+        return dict(out)
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])
+def test_tensor_parallel_route_equals_the_module_path(results, sequence_parallel):
+    for rank in range(WORLD):
+        got, want = results[(sequence_parallel, True, rank)], results[(sequence_parallel, False, rank)]
+        runs = got["micro_batches"] * got["layers"]
+        assert got["calls"] == {"attention_core": runs, "mlp_core": runs}  # the route was taken
+        assert want["calls"] == {"attention_core": 0, "mlp_core": 0}
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+        assert got["grads"].keys() == want["grads"].keys()
+        for name, grad in want["grads"].items():
+            torch.testing.assert_close(got["grads"][name], grad, rtol=1e-5, atol=1e-7, msg=f"rank {rank} {name}")
