@@ -158,6 +158,47 @@ def test_kl_tis_seq_norm_tensor_parallel_equals_the_hf_backend(tmp_path, hf_back
     _assert_kl_tis_steps(_records(tmp_path), hf_backend_kl_tis)
 
 
+def _tiny_qwen3_checkpoint(path: pathlib.Path, *, seed: int) -> pathlib.Path:
+    from rlkit.models.tiny import build_char_tokenizer, build_tiny_qwen3
+
+    tokenizer = build_char_tokenizer()
+    build_tiny_qwen3(seed=seed, vocab_size=len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_kl_reference_from_ref_load(tmp_path):
+    # --ref-load of rlkit's DCP export: the export of the policy's own weights is the default reference (the same
+    # run to round-off), another model's export is another reference (another KL from the first step on)
+    from transformers import AutoModelForCausalLM
+
+    from rlkit.ckpt.torch_dist import hf_to_torch_dist
+
+    def export(model_dir: pathlib.Path, dcp: pathlib.Path) -> str:
+        hf = AutoModelForCausalLM.from_pretrained(model_dir)
+        hf_to_torch_dist(hf.state_dict(), hf.config.to_dict(), dcp)
+        return str(dcp)
+
+    policy = _tiny_qwen3_checkpoint(tmp_path / "policy", seed=0)
+    other = _tiny_qwen3_checkpoint(tmp_path / "other", seed=1)
+    data = ROOT / "src" / "rlkit" / "data" / "arith_train.jsonl"
+    user = ["--hf-checkpoint", str(policy), "--prompt-data", str(data), "--apply-chat-template", "--lr", "1e-3",
+            "--backend", "megatron", "--colocate", "--num-rollout", "1", *KL_TIS]  # fmt: skip
+    records = {}
+    for name, ref_load in [("initial", []), ("same", ["--ref-load", export(policy, tmp_path / "same_dcp")]),
+                           ("other", ["--ref-load", export(other, tmp_path / "other_dcp")])]:  # fmt: skip
+        run = tmp_path / f"run_{name}"
+        run.mkdir()
+        proc = _run(run, [*user, *ref_load])
+        assert f"reference model for the KL loss: {ref_load[-1] if ref_load else 'the initial weights'}" in proc.stdout
+        records[name] = _records(run)[0]
+    for key in (*COMPARED, "kl_loss"):
+        assert records["same"][key] == pytest.approx(records["initial"][key], rel=1e-6, abs=1e-9), key
+    assert records["same"]["reward"] == records["other"]["reward"]  # the same samples, another reference
+    assert records["other"]["kl_loss"] > 10 * records["initial"]["kl_loss"] > 0
+
+
 def test_flags_accepted_and_rejected_per_backend(capsys):
     recipe = _load_recipe()
     hf_args = recipe.build_parser().parse_args(SEED_ARGS)
