@@ -9,7 +9,7 @@ import torch
 
 from rlkit.parallel.megatron.step import RLBatch
 
-# Published Qwen3 shapes (config.json of Qwen/Qwen3-0.6B and Qwen/Qwen3-1.7B); weights are random.
+# Published Qwen3 shapes (config.json of Qwen/Qwen3-0.6B, -1.7B and -4B); weights are random.
 SHAPES = {
     "qwen3-0.6b": dict(
         hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
@@ -17,6 +17,10 @@ SHAPES = {
     ),
     "qwen3-1.7b": dict(
         hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
+    ),
+    "qwen3-4b": dict(
+        hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
         num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
     ),
     # For a CPU smoke run of the scripts (--shape tiny --device cpu).

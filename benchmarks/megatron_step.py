@@ -28,11 +28,17 @@ Command (one H100, as recorded in ``RESULTS.md``): ``cd benchmarks && PYTHONPATH
 --configs 8192:none 16384:none 16384:full`` (at 16384 only the fused megatron THD path fits without recompute;
 the others report ``CUDA OOM`` there). CPU smoke run: ``cd benchmarks && PYTHONPATH=../src python
 megatron_step.py --shape tiny --device cpu --num-samples 2 --steps 1 --configs 1024:none``
+
+Tensor parallelism (the Qwen3-4B seed's layout, TP2 + SP): ``torchrun --nproc-per-node 2 megatron_step.py --shape
+qwen3-4b --tp 2 --sequence-parallel --configs 9216:full --paths megatron_thd megatron_thd_modules``; every rank
+trains the same global batch on its shards (DP 1), rank 0 prints, and MFU is per GPU (model FLOPs / step time /
+(peak x GPUs)). The HF path runs only without TP.
 """
 
 from __future__ import annotations
 
 import argparse
+import builtins
 import contextlib
 import functools
 import json
@@ -127,7 +133,7 @@ def _recompute_overrides(recompute: str) -> dict:
     raise ValueError(f"recompute={recompute!r}: use none, full or blockN (N layers recomputed)")
 
 
-def _build(path: str, hf, *, recompute: str, device: str):
+def _build(path: str, hf, *, recompute: str, device: str, sequence_parallel: bool = False):
     if path == "hf_padded":
         if recompute != "none":
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -150,6 +156,7 @@ def _build(path: str, hf, *, recompute: str, device: str):
             hf_state_dict=hf.state_dict(),
             params_dtype=torch.bfloat16,
             device=device,
+            sequence_parallel=sequence_parallel,
             **_recompute_overrides(recompute),
         )
     return model, megatron_forward(model), "bshd" if path == "megatron_padded" else "thd"
@@ -178,11 +185,21 @@ def main() -> None:
         "--profile-paths", nargs="+", default=None, help="paths to profile (default: the megatron THD ones in --paths)"
     )
     parser.add_argument("--out", default="", help="write the rows as JSON here")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size (launch that many ranks with torchrun)")
+    parser.add_argument("--sequence-parallel", action="store_true")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    init_model_parallel()
+    init_model_parallel(tensor_model_parallel_size=args.tp)
+    world = torch.distributed.get_world_size()
+    if world != args.tp:
+        raise SystemExit(f"--tp {args.tp} with {world} ranks: this benchmark runs one TP group (launch --tp ranks)")
+    if args.tp > 1 and "hf_padded" in args.paths:
+        raise SystemExit("hf_padded runs on one GPU: drop it from --paths with --tp > 1")
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    peak = peak_bf16_flops(device) if args.device == "cuda" else 1e12  # nominal: CPU MFU is not meaningful
+    # MFU per GPU: every TP rank shares the step's model FLOPs. CPU MFU is not meaningful (nominal peak).
+    peak = (peak_bf16_flops(device) if args.device == "cuda" else 1e12) * world
+    lead = torch.distributed.get_rank() == 0
+    print = builtins.print if lead else (lambda *a, **k: None)  # noqa: A001
     batch = rl_batch(args.num_samples, vocab=151936, seed=0)
     lengths = [len(t) for t in batch.tokens]
     flops = train_flops(lengths, args.shape)
@@ -210,7 +227,9 @@ def main() -> None:
         for budget, recompute in configs:
             model = forward = None
             try:
-                model, forward, layout = _build(path, hf, recompute=recompute, device=args.device)
+                model, forward, layout = _build(
+                    path, hf, recompute=recompute, device=args.device, sequence_parallel=args.sequence_parallel
+                )
                 seconds, info = _time_steps(
                     model, forward, batch, layout=layout, budget=budget, steps=args.steps, device=args.device
                 )
@@ -242,7 +261,7 @@ def main() -> None:
             if path in by and "hf_padded" in by:
                 speedup = by[path]["tokens_per_s"] / by["hf_padded"]["tokens_per_s"]
                 print(f"budget {budget} recompute {recompute}: {path} / hf_padded tokens/s = {speedup:.2f}x")
-    if args.out:
+    if args.out and lead:
         with open(args.out, "w") as f:
             json.dump(dict(device=device, torch=torch.__version__, shape=args.shape, rows=rows), f, indent=1)
 
