@@ -28,9 +28,12 @@ heads, ``d`` head dim, ``F`` MLP width, ``S`` rotary table length, ``N`` packed 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 
 import torch
+import torch.fx.experimental._config
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -169,14 +172,48 @@ def mlp_sublayer_reference(
 
 
 def attention_sublayer(
-    hidden: Tensor, freqs: Tensor, cu_seqlens: Tensor, max_seqlen: int, *weights: Tensor, **options
+    hidden: Tensor,
+    freqs: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    norm_weight: Tensor,
+    qkv_weight: Tensor,
+    q_norm_weight: Tensor,
+    k_norm_weight: Tensor,
+    proj_weight: Tensor,
+    *,
+    eps: float,
+    qk_eps: float,
+    softmax_scale: float,
 ) -> Tensor:
-    """:func:`attention_sublayer_reference`, one compiled graph on CUDA in bf16/fp16 (see :func:`_attention_call`)."""
+    """:func:`attention_sublayer_reference`, one compiled graph on CUDA in bf16/fp16 (see :func:`_attention_call`).
+
+    ``max_seqlen``: the longest packed sequence (a host int); the other arguments as for the reference.
+    """
+    weights = (norm_weight, qkv_weight, q_norm_weight, k_norm_weight, proj_weight)
+    options = dict(eps=eps, qk_eps=qk_eps, softmax_scale=softmax_scale)
     return _attention_call(attention_sublayer_reference, hidden, freqs, cu_seqlens, max_seqlen, weights, options)
 
 
-def attention_core(x: Tensor, freqs: Tensor, cu_seqlens: Tensor, max_seqlen: int, *weights: Tensor, **options):
-    """:func:`attention_core_reference`, one compiled graph on CUDA in bf16/fp16 (see :func:`_attention_call`)."""
+def attention_core(
+    x: Tensor,
+    freqs: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    qkv_weight: Tensor,
+    q_norm_weight: Tensor,
+    k_norm_weight: Tensor,
+    proj_weight: Tensor,
+    *,
+    qk_eps: float,
+    softmax_scale: float,
+) -> Tensor:
+    """:func:`attention_core_reference`, one compiled graph on CUDA in bf16/fp16 (see :func:`_attention_call`).
+
+    ``max_seqlen``: the longest packed sequence (a host int); the other arguments as for the reference.
+    """
+    weights = (qkv_weight, q_norm_weight, k_norm_weight, proj_weight)
+    options = dict(qk_eps=qk_eps, softmax_scale=softmax_scale)
     return _attention_call(attention_core_reference, x, freqs, cu_seqlens, max_seqlen, weights, options)
 
 
@@ -197,7 +234,8 @@ def _attention_call(fn, hidden: Tensor, freqs: Tensor, cu_seqlens: Tensor, max_s
     if not (use_varlen and _use_compile(hidden, "auto")):
         return fn(hidden, freqs, cu_seqlens, *weights, use_varlen=use_varlen, **options)
     _static_features(hidden, freqs)
-    return _compiled_sublayer(fn)(hidden, freqs, cu_seqlens, *weights, use_varlen=use_varlen, **options)
+    with _sublayer_compile_settings():
+        return _compiled_sublayer(fn)(hidden, freqs, cu_seqlens, *weights, use_varlen=use_varlen, **options)
 
 
 # Graphs one sublayer function legitimately needs: grad mode on/off (training, log-prob passes,
@@ -208,18 +246,33 @@ _SUBLAYER_GRAPHS = 16
 
 @functools.cache
 def _compiled_sublayer(fn):
-    """``torch.compile(fn, dynamic=True)``, dynamo's per-function recompile limit raised to ``_SUBLAYER_GRAPHS``.
+    """``torch.compile(fn, dynamic=True)``: every size symbolic from the first compile.
 
-    ``dynamic=True`` makes every size symbolic from the first compile (parameters stay static: dynamo's
-    ``force_parameter_static_shapes``), so a recompute pass that repeats an earlier micro-batch's exact
-    sizes does not get a graph specialised to them; :func:`_static_features` keeps the feature widths
-    static. Dynamo's default limit (8) is below the variants above; past it, dynamo silently runs the
-    function eagerly. The limit is a process-wide setting: it is only ever raised.
+    Parameters stay static (dynamo's ``force_parameter_static_shapes``) and :func:`_static_features` keeps
+    the inputs' feature widths static, so only token counts and lengths are symbolic: a recompute pass
+    that repeats an earlier micro-batch's exact sizes does not get a graph specialised to them.
     """
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, name, max(getattr(config, name), _SUBLAYER_GRAPHS))
     return torch.compile(fn, dynamic=True)
+
+
+@contextlib.contextmanager
+def _sublayer_compile_settings():
+    """Dynamo settings for the duration of one compiled-sublayer call (a compile happens inside it, if any).
+
+    * ``recompile_limit`` ``_SUBLAYER_GRAPHS``: dynamo's default (8) is below the variants above, and past
+      the limit dynamo silently runs the function eagerly;
+    * no duck shaping: a one-sequence micro-batch has ``T == max_seqlen``, and with duck shaping the two
+      sizes would share a symbol, giving a graph that the next micro-batch does not fit.
+
+    Set and restored by plain attribute writes (~6 us; a ``config.patch`` costs ~25 us per call).
+    """
+    dynamo, shapes = torch._dynamo.config, torch.fx.experimental._config
+    saved = dynamo.recompile_limit, shapes.use_duck_shape
+    dynamo.recompile_limit, shapes.use_duck_shape = max(saved[0], _SUBLAYER_GRAPHS), False
+    try:
+        yield
+    finally:
+        dynamo.recompile_limit, shapes.use_duck_shape = saved
 
 
 def _static_features(*tensors: Tensor) -> None:
@@ -229,21 +282,22 @@ def _static_features(*tensors: Tensor) -> None:
             torch._dynamo.mark_static(t, dim)
 
 
-def mlp_sublayer(hidden: Tensor, *weights: Tensor, eps: float) -> Tensor:
+def mlp_sublayer(hidden: Tensor, norm_weight: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, *, eps: float) -> Tensor:
     """:func:`mlp_sublayer_reference`, one compiled graph on CUDA in bf16/fp16."""
-    return _mlp_call(mlp_sublayer_reference, hidden, weights, dict(eps=eps))
+    return _mlp_call(mlp_sublayer_reference, hidden, (norm_weight, fc1_weight, fc2_weight), dict(eps=eps))
 
 
-def mlp_core(x: Tensor, *weights: Tensor) -> Tensor:
+def mlp_core(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor) -> Tensor:
     """:func:`mlp_core_reference`, one compiled graph on CUDA in bf16/fp16."""
-    return _mlp_call(mlp_core_reference, x, weights, {})
+    return _mlp_call(mlp_core_reference, x, (fc1_weight, fc2_weight), {})
 
 
 def _mlp_call(fn, hidden: Tensor, weights, options) -> Tensor:
     if not (hidden.dtype in (torch.bfloat16, torch.float16) and _use_compile(hidden, "auto")):
         return fn(hidden, *weights, **options)
     _static_features(hidden)
-    return _compiled_sublayer(fn)(hidden, *weights, **options)
+    with _sublayer_compile_settings():
+        return _compiled_sublayer(fn)(hidden, *weights, **options)
 
 
 @functools.cache
@@ -262,11 +316,17 @@ def fused_transformer_layer_class():
         Same submodules, parameters and state-dict keys as the parent: only ``forward``'s route changes.
         """
 
-        _static_routes: tuple[bool, bool] | None = None
+        _static_routes: _Routes | None = None
 
         def _forward_attention(self, hidden_states: Tensor, attention_mask: Tensor | None = None, **kwargs):
             """As ``TransformerLayer._forward_attention``: ``(hidden_states, context)``."""
-            if not (self._routes()[0] and attention_mask is None and _attention_call_fusable(hidden_states, kwargs)):
+            routes = self._routes()
+            if not (
+                routes.attention
+                and attention_mask is None
+                and _attention_call_fusable(hidden_states, kwargs, routes.head_dim)
+                and not _hooked(routes.attention_modules)
+            ):
                 return super()._forward_attention(hidden_states, attention_mask, **kwargs)
             attention, packed = self.self_attention, kwargs["packed_seq_params"]
             weights = (
@@ -288,7 +348,8 @@ def fused_transformer_layer_class():
 
         def _forward_mlp(self, hidden_states: Tensor, inference_context=None, padding_mask: Tensor | None = None):
             """As ``TransformerLayer._forward_mlp``: ``[S, B, D] -> [S, B, D]``."""
-            if not (self._routes()[1] and inference_context is None):
+            routes = self._routes()
+            if not (routes.mlp and inference_context is None and not _hooked(routes.mlp_modules)):
                 return super()._forward_mlp(hidden_states, inference_context, padding_mask=padding_mask)
             weights = (self.mlp.linear_fc1.weight, self.mlp.linear_fc2.weight)
             norm, tp_group = self.pre_mlp_layernorm, self.pg_collection.tp
@@ -298,39 +359,46 @@ def fused_transformer_layer_class():
             partial = mlp_core(x, *weights)
             return hidden_states + _out_of_tensor_parallel(partial, self.config.sequence_parallel, tp_group)
 
-        def _routes(self) -> tuple[bool, bool]:
+        def _routes(self) -> _Routes:
             """Whether the module structure and config allow the fused attention / MLP sublayer (cached)."""
             if self._static_routes is None:
-                self._static_routes = _static_routes(
-                    self, FusedRMSNorm, rotary_self_attention_class(), packed_core_attention_class(), fused_mlp_class()
-                )
+                self._static_routes = _static_routes(self, FusedRMSNorm, rotary_self_attention_class(),
+                                                     packed_core_attention_class(), fused_mlp_class())  # fmt: skip
             return self._static_routes
 
-    def _static_routes(layer, norm_cls, attention_cls, core_cls, mlp_cls) -> tuple[bool, bool]:
-        config = layer.config
-        attention = layer.self_attention
+    def _static_routes(layer, norm_cls, attention_cls, core_cls, mlp_cls) -> _Routes:
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        config, attention, mlp = layer.config, layer.self_attention, layer.mlp
+        attention_modules = (layer.input_layernorm, attention, attention.linear_qkv, attention.q_layernorm,
+                             attention.k_layernorm, attention.core_attention, attention.linear_proj)  # fmt: skip
         common = (
             layer.pg_collection.cp.size() == 1
-            and config.hidden_dropout == 0.0
+            and layer.hidden_dropout == 0.0
             and not (config.fp8 or getattr(config, "fp4", None))
             and not getattr(config, "inference_fuse_tp_communication", False)
+            # megatron writes weight gradients into main_grad inside its linears; the route leaves them in .grad
+            and not config.gradient_accumulation_fusion
+            and getattr(config, "cuda_graph_impl", "none") == "none"
         )
-        if not common:
-            return False, False
-        no_bias = lambda *modules: all(getattr(m, "bias", None) is None for m in modules)  # noqa: E731
-        attention_ok = (
+        attention_ok = common and (
             type(attention) is attention_cls
             and type(layer.input_layernorm) is norm_cls
             and type(attention.q_layernorm) is norm_cls
             and type(attention.k_layernorm) is norm_cls
             and type(attention.core_attention) is core_cls
+            and type(attention.linear_qkv) is ColumnParallelLinear
+            and type(attention.linear_proj) is RowParallelLinear
             and attention.core_attention.cp_group is None
             # Fewer query groups than TP ranks: megatron all-gathers QKV and slices it; not this route.
             and attention.num_query_groups_per_partition * layer.pg_collection.tp.size() == config.num_query_groups
             and isinstance(layer.cross_attention, IdentityOp)
             and isinstance(layer.pre_cross_attn_layernorm, IdentityOp)
-            and no_bias(attention.linear_qkv, attention.linear_proj)
+            and _no_bias(attention.linear_qkv, attention.linear_proj)
             and not getattr(config, "attention_output_gate", False)
+            and getattr(config, "softmax_type", "vanilla") == "vanilla"
+            and getattr(config, "window_size", None) is None
+            and not getattr(attention, "checkpoint_core_attention", False)  # selective recompute of attention
             and not layer.recompute_input_layernorm
             and not getattr(layer, "offload_attn_norm", False)
             and not config.rotary_interleaved
@@ -341,23 +409,56 @@ def fused_transformer_layer_class():
             )._yarn_get_concentration_factor_from_config(config)
             == 1.0
         )
-        mlp = layer.mlp
-        mlp_ok = (
+        mlp_ok = common and (
             type(mlp) is mlp_cls
             and type(layer.pre_mlp_layernorm) is norm_cls
+            and type(mlp.linear_fc1) is ColumnParallelLinear
+            and type(mlp.linear_fc2) is RowParallelLinear
             and config.gated_linear_unit
             and mlp.activation_func is torch.nn.functional.silu
             and not config.use_te_activation_func
             and config.activation_func_clamp_value is None
             and config.glu_linear_offset == 0
-            and no_bias(mlp.linear_fc1, mlp.linear_fc2)
+            and _no_bias(mlp.linear_fc1, mlp.linear_fc2)
             and not layer.recompute_mlp
             and not layer.recompute_pre_mlp_layernorm
             and not getattr(layer, "offload_mlp_norm", False)
         )
-        return bool(attention_ok), bool(mlp_ok)
+        return _Routes(
+            attention=bool(attention_ok),
+            mlp=bool(mlp_ok),
+            head_dim=attention.hidden_size_per_attention_head if attention_ok else 0,
+            attention_modules=attention_modules,
+            mlp_modules=(layer.pre_mlp_layernorm, mlp, *(getattr(mlp, n, None) for n in ("linear_fc1", "linear_fc2"))),
+        )
 
     return FusedTransformerLayer
+
+
+@dataclasses.dataclass(frozen=True)
+class _Routes:
+    """A layer's static route decision, and the submodules whose forward the route does not call."""
+
+    attention: bool
+    mlp: bool
+    head_dim: int
+    attention_modules: tuple
+    mlp_modules: tuple
+
+
+def _no_bias(*modules) -> bool:
+    return all(getattr(module, "bias", None) is None for module in modules)
+
+
+def _hooked(modules) -> bool:
+    """Whether a forward (pre-)hook would run on one of ``modules``, which the route reads but does not call.
+
+    megatron's DDP with ``overlap_param_gather`` waits for a module's parameter all-gather in such a
+    pre-hook; offloading, FSDP and adapter wrappers hook modules too. Then the modules' own path runs.
+    """
+    if torch.nn.modules.module._global_forward_pre_hooks or torch.nn.modules.module._global_forward_hooks:
+        return True
+    return any(m is not None and (m._forward_pre_hooks or m._forward_hooks) for m in modules)
 
 
 def _into_tensor_parallel(x: Tensor, sequence_parallel: bool, group) -> Tensor:
@@ -386,15 +487,16 @@ def _out_of_tensor_parallel(partial: Tensor, sequence_parallel: bool, group) -> 
     return mappings.reduce_from_tensor_model_parallel_region(partial, group=group)
 
 
-def _attention_call_fusable(hidden_states: Tensor, kwargs: dict) -> bool:
-    """The per-call half of the attention route: THD input, a plain rotary table, nothing else passed."""
+def _attention_call_fusable(hidden_states: Tensor, kwargs: dict, head_dim: int) -> bool:
+    """The per-call half of the attention route: THD input, a full-width rotary table, nothing else passed."""
     packed = kwargs.get("packed_seq_params")
     freqs = kwargs.get("rotary_pos_emb")
     if packed is None or packed.qkv_format != "thd" or packed.cu_seqlens_q_padded is not None:
         return False
     if packed.local_cp_size is not None or packed.cu_seqlens_kv is not packed.cu_seqlens_q:
         return False
-    if not isinstance(freqs, Tensor) or freqs.dim() != 4 or freqs.shape[1:3] != (1, 1):
+    # rotary_percent < 1 rotates part of each head: not this route's RoPE.
+    if not isinstance(freqs, Tensor) or freqs.dim() != 4 or freqs.shape[1:] != (1, 1, head_dim):
         return False
     if hidden_states.dim() != 3 or hidden_states.shape[1] != 1:
         return False
