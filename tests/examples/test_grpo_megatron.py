@@ -95,6 +95,7 @@ def test_one_process_equals_the_hf_backend(tmp_path, hf_backend):
     proc = _run(tmp_path, ["--backend", "megatron"])
     assert "megatron backend: 1 process(es), DP1 x TP1 x CP1" in proc.stdout
     assert "rollout engine: ProcessEngine in its own process" in proc.stdout
+    assert "reference model" not in proc.stdout  # no KL term: no reference model's memory
     step_line = next(line for line in proc.stdout.splitlines() if line.startswith("rollout    0 | reward"))
     assert all(f"| {key} " in step_line for key in ("loss", "|g|", "tok/s"))
     _assert_same_steps(_records(tmp_path), hf_backend[0])
