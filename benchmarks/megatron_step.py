@@ -39,21 +39,16 @@ from __future__ import annotations
 
 import argparse
 import builtins
-import contextlib
-import functools
 import json
 import statistics
 import time
 import warnings
-from unittest import mock
 
 import torch
 from megatron_common import peak_bf16_flops, random_hf_model, rl_batch, train_flops
 
 from rlkit.algos.losses import PolicyLossConfig
-from rlkit.parallel.megatron import model as megatron_model
 from rlkit.parallel.megatron.model import build_gpt_model, init_model_parallel
-from rlkit.parallel.megatron.spec import gpt_layer_spec
 from rlkit.parallel.megatron.step import hf_forward, megatron_forward, train_step
 from rlkit.parallel.packing import DataPacker
 
@@ -140,25 +135,23 @@ def _build(path: str, hf, *, recompute: str, device: str, sequence_parallel: boo
         else:
             hf.gradient_checkpointing_disable()
         return hf, hf_forward(hf), "bshd"
-    # build_gpt_model takes no spec argument: the baselines swap the spec it calls.
     specs = {
-        "megatron_thd": None,
-        "megatron_padded": None,
-        "megatron_thd_stock": functools.partial(gpt_layer_spec, fused=False),
-        "megatron_thd_modules": functools.partial(gpt_layer_spec, compiled_sublayers=False),
+        "megatron_thd": {},
+        "megatron_padded": {},
+        "megatron_thd_stock": dict(fused=False),
+        "megatron_thd_modules": dict(compiled_sublayers=False),
     }
     if path not in specs:
         raise ValueError(f"unknown path {path!r}")
-    swap = mock.patch.object(megatron_model, "gpt_layer_spec", specs[path]) if specs[path] else None
-    with swap or contextlib.nullcontext():
-        model = build_gpt_model(
-            hf.config,
-            hf_state_dict=hf.state_dict(),
-            params_dtype=torch.bfloat16,
-            device=device,
-            sequence_parallel=sequence_parallel,
-            **_recompute_overrides(recompute),
-        )
+    model = build_gpt_model(
+        hf.config,
+        hf_state_dict=hf.state_dict(),
+        params_dtype=torch.bfloat16,
+        device=device,
+        sequence_parallel=sequence_parallel,
+        **specs[path],
+        **_recompute_overrides(recompute),
+    )
     return model, megatron_forward(model), "bshd" if path == "megatron_padded" else "thd"
 
 

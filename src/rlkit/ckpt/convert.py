@@ -97,7 +97,8 @@ def stage_layers(num_layers: int, layout: Layout) -> list[range]:
         sizes[-1] = last
     rest = num_layers - sum(s for s in sizes if s is not None)
     free = sizes.count(None)
-    if rest < 0 or (free and rest % free) or (not free and rest):
+    # Every stage holds at least one layer (megatron-core refuses middle stages without layers).
+    if rest < 0 or (free and (rest % free or rest == 0)) or (not free and rest):
         raise ValueError(
             f"num_layers={num_layers} cannot be split over pp={layout.pp} with "
             f"decoder_first_pipeline_num_layers={first}, decoder_last_pipeline_num_layers={last}"

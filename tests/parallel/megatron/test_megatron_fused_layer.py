@@ -16,7 +16,6 @@ from rlkit.parallel.layouts import pack_thd  # noqa: E402
 from rlkit.parallel.megatron import fused_layer  # noqa: E402
 from rlkit.parallel.megatron import model as megatron_model  # noqa: E402
 from rlkit.parallel.megatron.fused_layer import attention_sublayer_reference, mlp_sublayer_reference  # noqa: E402
-from rlkit.parallel.megatron.spec import gpt_layer_spec  # noqa: E402
 from rlkit.parallel.megatron.step import megatron_forward  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("megatron_world")
@@ -84,9 +83,9 @@ def test_mlp_sublayer_matches_a_float64_formula():
 
 
 def _build(hf, *, compiled_sublayers: bool):
-    spec = functools.partial(gpt_layer_spec, compiled_sublayers=compiled_sublayers)
-    with mock.patch.object(megatron_model, "gpt_layer_spec", spec):
-        return megatron_model.build_gpt_model(hf.config, hf_state_dict=hf.state_dict())
+    return megatron_model.build_gpt_model(
+        hf.config, hf_state_dict=hf.state_dict(), compiled_sublayers=compiled_sublayers
+    )
 
 
 def _loss_and_grads(model, micro, weights):
@@ -168,11 +167,10 @@ def test_compiled_sublayers_on_gpu_match_the_module_path_without_graph_breaks():
     )
     built = {}
     for compiled in (True, False):
-        spec = functools.partial(gpt_layer_spec, compiled_sublayers=compiled)
-        with mock.patch.object(megatron_model, "gpt_layer_spec", spec):
-            built[compiled] = megatron_model.build_gpt_model(
-                hf.config, hf_state_dict=hf.state_dict(), params_dtype=torch.bfloat16, device="cuda"
-            )
+        built[compiled] = megatron_model.build_gpt_model(
+            hf.config, hf_state_dict=hf.state_dict(), params_dtype=torch.bfloat16, device="cuda",
+            compiled_sublayers=compiled,
+        )  # fmt: skip
     counters.clear()
     report = []
     for lengths in ((40, 7, 81), (13, 120), (64, 64, 5, 30)):
@@ -323,10 +321,9 @@ def test_compiled_route_keeps_a_bounded_set_of_graphs_under_recompute_and_new_le
     # The compiled bf16 gradients (full recompute) against float32 megatron modules, and the bf16 module
     # path's own distance to float32 as the yardstick.
     monkeypatch.setattr(fused_layer, "_use_compile", lambda x, backend: False)
-    reference = functools.partial(gpt_layer_spec, compiled_sublayers=False)
-    with mock.patch.object(megatron_model, "gpt_layer_spec", reference):
-        fp32 = megatron_model.build_gpt_model(hf.config, hf_state_dict=hf.state_dict())
-        bf16 = megatron_model.build_gpt_model(hf.config, hf_state_dict=hf.state_dict(), params_dtype=torch.bfloat16)
+    modules = dict(hf_state_dict=hf.state_dict(), compiled_sublayers=False)
+    fp32 = megatron_model.build_gpt_model(hf.config, **modules)
+    bf16 = megatron_model.build_gpt_model(hf.config, params_dtype=torch.bfloat16, **modules)
     _, want = grads_of(fp32, 200)
     _, module_grads = grads_of(bf16, 200)
 
@@ -348,9 +345,7 @@ def test_compiled_route_keeps_a_bounded_set_of_graphs_under_recompute_and_new_le
 def test_route_falls_back_where_the_module_path_does_something_else(case, overrides, expected):
     """Hooks the route would skip, recompute it would drop, dropout it does not compute."""
     hf = build_tiny_qwen3(seed=9)
-    spec = functools.partial(gpt_layer_spec, compiled_sublayers=True)
-    with mock.patch.object(megatron_model, "gpt_layer_spec", spec):
-        model = megatron_model.build_gpt_model(hf.config, hf_state_dict=hf.state_dict(), **overrides).eval()
+    model = megatron_model.build_gpt_model(hf.config, hf_state_dict=hf.state_dict(), **overrides).eval()
     calls = []
     if case.startswith("forward pre-hook"):
         for layer in model.decoder.layers:

@@ -8,7 +8,6 @@ equal HF transformers' single-process step (test_megatron_mp_step.py). float32: 
 
 from __future__ import annotations
 
-import functools
 import os
 import tempfile
 import warnings
@@ -49,7 +48,6 @@ def _worker(rank: int, init_file: str, results) -> None:
     from rlkit.models.tiny import build_tiny_qwen3
     from rlkit.parallel.megatron import fused_layer
     from rlkit.parallel.megatron import model as megatron_model
-    from rlkit.parallel.megatron.spec import gpt_layer_spec
     from rlkit.parallel.megatron.step import megatron_forward
 
     calls = {"attention_core": 0, "mlp_core": 0}
@@ -68,11 +66,10 @@ def _worker(rank: int, init_file: str, results) -> None:
             megatron_model.init_model_parallel(tensor_model_parallel_size=2)
             hf = build_tiny_qwen3(seed=3, vocab_size=VOCAB)
             for compiled in (True, False):
-                spec = functools.partial(gpt_layer_spec, compiled_sublayers=compiled)
-                with mock.patch.object(megatron_model, "gpt_layer_spec", spec):
-                    model = megatron_model.build_gpt_model(
-                        hf.config, hf_state_dict=hf.state_dict(), sequence_parallel=sequence_parallel
-                    )
+                model = megatron_model.build_gpt_model(
+                    hf.config, hf_state_dict=hf.state_dict(), sequence_parallel=sequence_parallel,
+                    compiled_sublayers=compiled,
+                )  # fmt: skip
                 calls.update(attention_core=0, mlp_core=0)
                 with (
                     mock.patch.object(fused_layer, "attention_core", counted("attention_core")),

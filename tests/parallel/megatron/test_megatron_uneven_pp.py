@@ -120,3 +120,40 @@ def test_uneven_pipeline_step_reproduces_single_process(parallel_results):
     for rank in range(WORLD):
         assert parallel_results[rank]["loss"] == pytest.approx(want.loss, rel=1e-5, abs=1e-7)
         assert parallel_results[rank]["grad_norm"] == pytest.approx(want.grad_norm, rel=1e-5)
+
+
+def test_stage_layers_agree_with_megatrons_offsets():
+    """rlkit.ckpt's stage split == megatron-core's layer offset and count per stage, uneven ends included."""
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from rlkit.ckpt.convert import stage_layers
+
+    checked = 0
+    for num_layers in range(2, 13):
+        for pp in (2, 3, 4):
+            for first in (None, 1, 2, 3):
+                for last in (None, 1, 2, 3):
+                    layout = Layout(
+                        pp=pp, decoder_first_pipeline_num_layers=first, decoder_last_pipeline_num_layers=last
+                    )
+                    fields = dict(
+                        num_layers=num_layers, hidden_size=8, num_attention_heads=1, pipeline_model_parallel_size=pp,
+                        pipeline_dtype=torch.float32, num_layers_in_first_pipeline_stage=first,
+                        num_layers_in_last_pipeline_stage=last,
+                    )  # fmt: skip
+                    try:
+                        ours = stage_layers(num_layers, layout)
+                    except ValueError:  # not splittable (megatron-core accepts some of these, e.g. last > layers)
+                        continue
+                    config = TransformerConfig(**fields)
+                    theirs = [
+                        range(get_transformer_layer_offset(config, pp_rank=rank),
+                              get_transformer_layer_offset(config, pp_rank=rank)
+                              + get_num_layers_to_build(config, pp_rank=rank))
+                        for rank in range(pp)
+                    ]  # fmt: skip
+                    assert ours == theirs, (num_layers, pp, first, last)
+                    checked += 1
+    assert checked > 100

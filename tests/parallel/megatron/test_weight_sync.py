@@ -207,7 +207,7 @@ def _live_model_parallel_syncs(rank: int) -> dict:
         init_model_parallel(**sizes)
         source = _live_source(case)
         model = build_gpt_model(source.config, hf_state_dict=source.state_dict())
-        layout, groups = megatron_layout_and_groups()
+        layout, groups = megatron_layout_and_groups(model.config)
         if case == "live_pp2":  # with the pipeline group, every stage's tensors reach every rank
             out[case] = dict(iter_hf_tensors(model, source.config, layout=layout, groups=groups))
         else:

@@ -139,15 +139,20 @@ def _moe_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def _layer_spec(config):
-    """The layer spec of :func:`gpt_layer_spec`; under SP a block spec whose final norm is SP-aware too."""
-    spec = gpt_layer_spec(num_experts=config.num_moe_experts)
-    if not config.sequence_parallel:
-        return spec
+def _layer_spec(config, *, fused: bool, compiled_sublayers: bool):
+    """The decoder's block spec: :func:`gpt_layer_spec` layers, with the fused spec a fused final norm.
+
+    The final norm is then a :class:`FusedRMSNorm` (HF's float32 order, the weight in the parameters' dtype,
+    and SP-aware: under SP its weight is marked ``sequence_parallel``, its gradient summed over TP;
+    megatron's local torch norm refuses SP).
+    """
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    # megatron's local final norm (torch's RMSNorm wrapper) refuses SP; FusedRMSNorm marks its weight
-    # sequence_parallel, so finalize_grads sums its gradient over TP.
+    if config.sequence_parallel and not fused:
+        raise ValueError("sequence_parallel=True needs the fused spec (fused=True): megatron's local norm refuses SP")
+    spec = gpt_layer_spec(num_experts=config.num_moe_experts, fused=fused, compiled_sublayers=compiled_sublayers)
+    if not fused:
+        return spec
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=FusedRMSNorm)
 
 
@@ -256,6 +261,8 @@ def build_gpt_model(
     params_dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     sequence_parallel: bool = False,
+    fused: bool = True,
+    compiled_sublayers: bool = True,
     **config_overrides: Any,
 ):
     """This rank's part of a megatron-core ``GPTModel`` equivalent to an HF Qwen3 / Qwen3-MoE model.
@@ -278,6 +285,10 @@ def build_gpt_model(
         device: where the model lives.
         sequence_parallel: megatron sequence parallelism (needs TP > 1; the packed stream is padded to a
             multiple of ``cp * tp`` tokens by the step).
+        fused: rlkit's fused local spec (:func:`rlkit.parallel.megatron.spec.gpt_layer_spec`); ``False``:
+            megatron-core's stock local modules (no SP), the baseline of ``benchmarks/megatron_step.py``.
+        compiled_sublayers: with ``fused``, each layer's sublayers run as compiled regions where they apply
+            (:mod:`rlkit.parallel.megatron.fused_layer`); ``False`` runs the fused modules one by one.
         **config_overrides: passed to :func:`transformer_config_from_hf`; among them megatron's uneven
             pipeline split, ``num_layers_in_first_pipeline_stage`` / ``num_layers_in_last_pipeline_stage``
             (slime's ``--decoder-first/last-pipeline-num-layers``; the other stages split the rest evenly),
@@ -336,7 +347,7 @@ def build_gpt_model(
     layout = megatron_layout(config)
     model = gpt.GPTModel(
         config=config,
-        transformer_layer_spec=_layer_spec(config),
+        transformer_layer_spec=_layer_spec(config, fused=fused, compiled_sublayers=compiled_sublayers),
         vocab_size=padded_vocab_size(cfg["vocab_size"], layout),
         max_sequence_length=cfg["max_position_embeddings"],
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -368,17 +379,28 @@ def build_gpt_model(
     return model
 
 
-def megatron_layout(config: Any = None):
+def megatron_layout(config: Any):
     """The :class:`~rlkit.ckpt.convert.Layout` of megatron-core's parallel state and a model's pipeline split.
 
     Sizes come from megatron's parallel state (call :func:`init_model_parallel` first); the first and last
     pipeline stages' layer counts from ``config`` (the model's ``TransformerConfig``, ``model.config``),
-    which megatron's parallel state does not hold. Without ``config`` the split is even.
+    which megatron's parallel state does not hold; required with more than one stage.
     """
     from megatron.core import parallel_state as ps
 
     from rlkit.ckpt.convert import Layout
 
+    if config is None and ps.get_pipeline_model_parallel_world_size() > 1:
+        raise ValueError(
+            "with pipeline parallelism pass the model's config (model.config): the stages' layer counts "
+            "(num_layers_in_first/last_pipeline_stage) are not in megatron's parallel state"
+        )
+    for unsupported in ("pipeline_model_parallel_layout", "virtual_pipeline_model_parallel_size"):
+        if getattr(config, unsupported, None) is not None:
+            raise ValueError(f"{unsupported}={getattr(config, unsupported)!r} is not supported by rlkit's layouts")
+    for unsupported in ("account_for_embedding_in_pipeline_split", "account_for_loss_in_pipeline_split"):
+        if getattr(config, unsupported, False):
+            raise ValueError(f"{unsupported}=True is not supported by rlkit's layouts (layers only per stage)")
     return Layout(
         tp=ps.get_tensor_model_parallel_world_size(),
         pp=ps.get_pipeline_model_parallel_world_size(),

@@ -124,8 +124,8 @@ def megatron_layout_and_groups(config: Any = None) -> tuple[Layout, SyncGroups]:
     """The :class:`~rlkit.ckpt.convert.Layout` and :class:`SyncGroups` of megatron-core's parallel state.
 
     Call after ``rlkit.parallel.megatron.model.init_model_parallel``. ``config``: the model's
-    ``TransformerConfig`` (``model.config``), for an uneven pipeline split (see
-    :func:`rlkit.parallel.megatron.model.megatron_layout`); without it the split is even.
+    ``TransformerConfig`` (``model.config``), for its pipeline split (see
+    :func:`rlkit.parallel.megatron.model.megatron_layout`); required with more than one stage.
     """
     from megatron.core import parallel_state as ps
 
