@@ -7,7 +7,8 @@ THD-packed micro-batches (``rlkit.parallel.megatron.step``) with rlkit's losses.
 
 How the work is spread over the processes that ``torch.distributed.run`` launches (NCCL on CUDA, else gloo):
   * the processes form megatron-core's grid, ``--tensor-model-parallel-size`` x ``--context-parallel-size`` x
-    data parallel (the rest; ``--expert-model-parallel-size`` spreads a MoE's experts over it);
+    ``--pipeline-model-parallel-size`` x data parallel (the rest; ``--expert-model-parallel-size`` spreads a MoE's
+    experts over it);
   * rank 0 owns the rollout engine (embedded in its process with ``--colocate``, in its own process otherwise, or an
     SGLang server) and generates the whole rollout; the graded samples (token ids, rewards, advantages) are
     broadcast to every rank. Generating on one rank keeps the prompt order, the sampling seeds, the partial-rollout
@@ -26,8 +27,10 @@ How the work is spread over the processes that ``torch.distributed.run`` launche
     broadcast (NCCL / gloo) into a decoupled one, which on CUDA takes the first GPU after the trainers', or written
     to disk for SGLang.
 
-Refused by name (``megatron_problems``): pipeline parallelism (one engine would need every stage's weights: the
-sync sends per stage), the distributed optimizer on CPU or with checkpoints, its CPU offload. ``--async`` makes
+Pipeline parallelism (``--pipeline-model-parallel-size``, optionally uneven with ``--decoder-first/last-pipeline-
+num-layers``): megatron's 1F1B schedule in the step; the weight sync broadcasts each stage's HF tensors over the
+pipeline group, so rank 0's engine receives the whole model. Refused by name (``megatron_problems``): the
+distributed optimizer on CPU or with checkpoints, its CPU offload. ``--async`` makes
 rank 0 generate rollout k+1 while the ranks train on k.
 Checkpoints: ``--save`` writes rlkit's atomic training state per model-parallel shard (megatron weights, AdamW
 state; rank 0's also holds the data position, buffer, the rollout in flight and RNG), ``--save-hf`` an HF export
@@ -78,11 +81,6 @@ from rlkit.rollout.sample import Sample  # noqa: E402
 warnings.filterwarnings("ignore", "Transformer Engine and Apex are not installed", UserWarning)
 warnings.filterwarnings("ignore", "Apex is not installed", UserWarning)
 
-# Parallel sizes this recipe cannot run above a bound, and why (the others are limited only by the world size).
-MEGATRON_MAX_SIZES = {
-    "pipeline_model": (1, "weight sync into one engine needs every stage's weights; rlkit's sync sends per stage"),
-}
-
 # The other ranks wait in a collective while rank 0 generates and evaluates; NCCL's default of 10 minutes would end
 # a run whose rollout takes longer.
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
@@ -94,13 +92,9 @@ STEP_KEYS = (("reward", "reward"), ("loss", "loss"), *CONSOLE_KEYS[1:])
 def megatron_problems(args: argparse.Namespace, *, world_size: int) -> list[str]:
     """Trainer settings this backend cannot honour, each with the reason and the fix (the recipe rejects them)."""
     problems = []
-    for name, (most, why) in MEGATRON_MAX_SIZES.items():
-        size = getattr(args, f"{name}_parallel_size")
-        if size > most:
-            problems.append(
-                f"--{name.replace('_', '-')}-parallel-size {size}: not supported by the megatron backend yet "
-                f"(at most {most}: {why})"
-            )
+    for end in ("first", "last"):
+        if getattr(args, f"decoder_{end}_pipeline_num_layers") is not None and args.pipeline_model_parallel_size == 1:
+            problems.append(f"--decoder-{end}-pipeline-num-layers: only with --pipeline-model-parallel-size > 1")
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
     if world_size % model_parallel:
         problems.append(
@@ -163,11 +157,13 @@ class World:
     tp_size: int
     cp_size: int
     ep_size: int
+    pp_size: int
     shard: tuple[int, int, int]  # (pp, tp, ep) rank: which part of the model this process holds
     device: torch.device
 
     def describe(self) -> str:
-        return f"DP{self.dp_size} x TP{self.tp_size} x CP{self.cp_size} (EP{self.ep_size})"
+        pp = f" x PP{self.pp_size}" if self.pp_size > 1 else ""
+        return f"DP{self.dp_size} x TP{self.tp_size} x CP{self.cp_size}{pp} (EP{self.ep_size})"
 
 
 def init_world(args) -> World:
@@ -197,6 +193,7 @@ def init_world(args) -> World:
         tp_size=ps.get_tensor_model_parallel_world_size(),
         cp_size=ps.get_context_parallel_world_size(),
         ep_size=ps.get_expert_model_parallel_world_size(),
+        pp_size=ps.get_pipeline_model_parallel_world_size(),
         shard=(
             ps.get_pipeline_model_parallel_rank(),
             ps.get_tensor_model_parallel_rank(),
@@ -230,9 +227,19 @@ def megatron_policy(args, world: World, hf_policy):
         params_dtype=dtype,
         device=world.device,
         sequence_parallel=args.sequence_parallel and world.tp_size > 1,
+        **pipeline_split(args),
         **recompute,
     )
     return model.train()
+
+
+def pipeline_split(args) -> dict:
+    """megatron's uneven pipeline split from slime's ``--decoder-first/last-pipeline-num-layers`` (unset: even)."""
+    split = dict(
+        num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
+    )
+    return {key: value for key, value in split.items() if value is not None}
 
 
 def megatron_reference(args, world: World, hf_policy):
@@ -256,6 +263,7 @@ def megatron_reference(args, world: World, hf_policy):
         params_dtype=next(hf_policy.parameters()).dtype,
         device=world.device,
         sequence_parallel=args.sequence_parallel and world.tp_size > 1,
+        **pipeline_split(args),
     )
     if args.ref_load and not rlkit_export:
         load_megatron_dist(model, args.ref_load)
@@ -387,7 +395,7 @@ def sync_weights(model, engine, hf_config, args, world: World) -> None:
     """
     from rlkit.parallel.megatron import weight_sync
 
-    layout, groups = weight_sync.megatron_layout_and_groups()
+    layout, groups = weight_sync.megatron_layout_and_groups(megatron_config(model))
     engine = engine if world.rank == 0 else None
     if args.rollout_backend == "sglang":  # checkpoint names (per-expert), written to disk for the server
         state: dict[str, torch.Tensor] = {}
@@ -400,6 +408,11 @@ def sync_weights(model, engine, hf_config, args, world: World) -> None:
     config = weight_sync.WeightSyncConfig(fused_experts=True)  # a live transformers-5 MoE holds experts fused
     deliver = weight_sync.sync_colocated if args.colocate else weight_sync.sync_decoupled
     deliver(model, engine, hf_config, config=config, layout=layout, groups=groups)
+
+
+def megatron_config(model):
+    """The ``TransformerConfig`` of a ``GPTModel``, wrapped in megatron's DDP or not."""
+    return getattr(model, "module", model).config
 
 
 def rollout_log_probs(samples) -> list[torch.Tensor]:
@@ -508,7 +521,7 @@ def save(args, model, optimizer, scheduler, loop, hf_config, tokenizer, world: W
             keep_last=2,
         )
     if args.save_hf:  # loadable by transformers' from_pretrained: config, tokenizer, safetensors shards
-        layout, groups = weight_sync.megatron_layout_and_groups()
+        layout, groups = weight_sync.megatron_layout_and_groups(megatron_config(model))
         writer = SafetensorsWriter(path / "hf") if world.rank == 0 else None
         for name, tensor in weight_sync.iter_hf_tensors(model, hf_config, layout=layout, groups=groups):
             if writer is not None:

@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("tensor-model", "pipeline-model", "context", "expert-model", "expert-tensor"):
         a(f"--{flag}-parallel-size", type=int, default=1)
     a("--sequence-parallel", action="store_true")
+    a("--decoder-first-pipeline-num-layers", type=int, default=None, help="layers of the first pipeline stage")
+    a("--decoder-last-pipeline-num-layers", type=int, default=None, help="layers of the last pipeline stage")
     a("--recompute-granularity", choices=["full", "selective"], default=None)
     a("--recompute-method", choices=["uniform", "block"], default=None)
     a("--recompute-num-layers", type=int, default=None)
@@ -207,6 +209,8 @@ def hf_problems(args: argparse.Namespace) -> list[str]:
             f"--expert-tensor-parallel-size {args.expert_tensor_parallel_size}",
         ),
         (args.sequence_parallel, "--sequence-parallel"),
+        (args.decoder_first_pipeline_num_layers is not None, "--decoder-first-pipeline-num-layers"),
+        (args.decoder_last_pipeline_num_layers is not None, "--decoder-last-pipeline-num-layers"),
         (
             args.actor_num_nodes != 1 or args.actor_num_gpus_per_node != 1,
             f"--actor-num-nodes {args.actor_num_nodes} --actor-num-gpus-per-node {args.actor_num_gpus_per_node}",

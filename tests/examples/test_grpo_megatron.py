@@ -108,8 +108,10 @@ def test_one_process_equals_the_hf_backend(tmp_path, hf_backend):
         (["--colocate"], "DP2 x TP1 x CP1", "EmbeddedEngine"),
         # tensor + sequence parallel: vocab-parallel log-probs, the weights gathered over TP into rank 0's engine
         (["--colocate", "--tensor-model-parallel-size", "2", "--sequence-parallel"], "DP1 x TP2", "EmbeddedEngine"),
+        # pipeline parallel: 1F1B over the two stages; every stage's weights broadcast into rank 0's engine
+        (["--colocate", "--pipeline-model-parallel-size", "2"], "DP1 x TP1 x CP1 x PP2", "EmbeddedEngine"),
     ],
-    ids=["dp2", "tp2-sp"],
+    ids=["dp2", "tp2-sp", "pp2"],
 )
 def test_two_processes_equal_the_hf_backend(tmp_path, hf_backend, flags, grid, engine):
     proc = _run(tmp_path, ["--backend", "megatron", *flags], nproc=2)
@@ -224,9 +226,13 @@ def test_flags_accepted_and_rejected_per_backend(capsys):
     assert rejected(recipe.build_parser().parse_args(extra), 1) == sorted(extra)
     assert rejected(recipe.build_parser().parse_args([]), 2) == ["torchrun"]
     # what the megatron backend cannot run yet is refused by name, with the reason
-    unsupported = ["--device", "cpu", "--pipeline-model-parallel-size", "2", "--optimizer-cpu-offload"]
+    unsupported = ["--device", "cpu", "--decoder-first-pipeline-num-layers", "1", "--optimizer-cpu-offload"]
     got = rejected(recipe.build_parser().parse_args(["--backend", "megatron", *unsupported]), 2)
-    assert got == sorted(["--device", "--pipeline-model-parallel-size", "--optimizer-cpu-offload"])
+    assert got == sorted(["--device", "--decoder-first-pipeline-num-layers", "--optimizer-cpu-offload"])
+    # pipeline parallelism, uneven too (the DeepSeek-R1 seed's --decoder-last-pipeline-num-layers)
+    pipeline = ["--pipeline-model-parallel-size", "2", "--decoder-last-pipeline-num-layers", "13"]
+    assert rejected(recipe.build_parser().parse_args(["--backend", "megatron", *pipeline]), 2) == []
+    assert "--decoder-last-pipeline-num-layers" in rejected(recipe.build_parser().parse_args(pipeline), 1)
     # the loss terms of the HF backend are the megatron backend's too (KL to a reference, TIS, Dr.GRPO's norm)
     loss_terms = ["--use-kl-loss", "--kl-loss-coef", "0.01", "--kl-loss-type", "low_var_kl", "--use-tis",
                   "--loss-aggregation", "seq_mean_token_sum_norm"]  # fmt: skip
