@@ -135,8 +135,8 @@ def run_step(
     """
     from megatron.core import parallel_state
 
+    from rlkit.parallel.megatron.forward import megatron_forward
     from rlkit.parallel.megatron.model import build_gpt_model, init_model_parallel
-    from rlkit.parallel.megatron.step import megatron_forward
 
     tiny = args.device == "cpu"
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

@@ -19,8 +19,9 @@ import torch
 from megatron_common import random_hf_model, rl_batch
 
 from rlkit.algos.losses import PolicyLossConfig
+from rlkit.parallel.megatron.forward import hf_forward, megatron_forward
 from rlkit.parallel.megatron.model import build_gpt_model, init_model_parallel
-from rlkit.parallel.megatron.step import hf_forward, megatron_forward, train_step
+from rlkit.parallel.megatron.step import train_step
 from rlkit.parallel.packing import DataPacker
 
 

@@ -92,8 +92,9 @@ def run(args) -> dict:
     from megatron_common import rl_batch
 
     from rlkit.algos.losses import PolicyLossConfig
+    from rlkit.parallel.megatron.forward import megatron_forward
     from rlkit.parallel.megatron.model import build_gpt_model, init_model_parallel
-    from rlkit.parallel.megatron.step import megatron_forward, train_step
+    from rlkit.parallel.megatron.step import train_step
     from rlkit.parallel.packing import DataPacker
 
     warnings.filterwarnings("ignore")

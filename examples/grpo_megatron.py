@@ -438,7 +438,8 @@ def train_rollout(
     that generated the rollout; so are the ``reference`` model's (the KL loss) when there is one. Returns the
     metrics averaged over the steps (``loss``, ``grad_norm``, ...).
     """
-    from rlkit.parallel.megatron.step import RLBatch, compute_log_probs, megatron_forward, train_step
+    from rlkit.parallel.megatron.forward import megatron_forward
+    from rlkit.parallel.megatron.step import RLBatch, compute_log_probs, train_step
 
     forward = megatron_forward(model)
     passes = {"old_log_probs": (forward, model)}

@@ -159,8 +159,8 @@ def test_fused_spec_equals_stock_local_spec(layout, qk_norm):
     pytest.importorskip("megatron.core")
     from rlkit.models.tiny import build_tiny_qwen3
     from rlkit.parallel.layouts import pack_bshd
+    from rlkit.parallel.megatron.forward import megatron_forward
     from rlkit.parallel.megatron.spec import FusedRMSNorm, fused_mlp_class, rotary_self_attention_class
-    from rlkit.parallel.megatron.step import megatron_forward
 
     hf = build_tiny_qwen3(seed=4)
     stock, fused = _stock_and_fused_models(hf)
@@ -194,7 +194,7 @@ def test_fused_spec_equals_stock_local_spec(layout, qk_norm):
 def test_rotary_attention_falls_back_to_megatron_for_interleaved_rope():
     """A RoPE variant the fused path does not implement runs megatron's own code: same logits as the stock spec."""
     from rlkit.models.tiny import build_tiny_qwen3
-    from rlkit.parallel.megatron.step import megatron_forward
+    from rlkit.parallel.megatron.forward import megatron_forward
 
     hf = build_tiny_qwen3(seed=2)
     stock, fused = _stock_and_fused_models(hf, rotary_interleaved=True)

@@ -15,8 +15,8 @@ from rlkit.models.tiny import build_tiny_qwen3, build_tiny_qwen3_moe  # noqa: E4
 from rlkit.parallel.layouts import pack_thd  # noqa: E402
 from rlkit.parallel.megatron import fused_layer  # noqa: E402
 from rlkit.parallel.megatron import model as megatron_model  # noqa: E402
+from rlkit.parallel.megatron.forward import megatron_forward  # noqa: E402
 from rlkit.parallel.megatron.fused_layer import attention_sublayer_reference, mlp_sublayer_reference  # noqa: E402
-from rlkit.parallel.megatron.step import megatron_forward  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("megatron_world")
 

@@ -48,7 +48,7 @@ def _worker(rank: int, init_file: str, results) -> None:
     from rlkit.models.tiny import build_tiny_qwen3
     from rlkit.parallel.megatron import fused_layer
     from rlkit.parallel.megatron import model as megatron_model
-    from rlkit.parallel.megatron.step import megatron_forward
+    from rlkit.parallel.megatron.forward import megatron_forward
 
     calls = {"attention_core": 0, "mlp_core": 0}
 

@@ -123,8 +123,8 @@ def _assert_terms_exercised(config: PolicyLossConfig, metrics: dict[str, float])
 @pytest.mark.usefixtures("megatron_world")
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_one_process_step_equals_the_whole_batch_loss(name):
+    from rlkit.parallel.megatron.forward import megatron_forward
     from rlkit.parallel.megatron.model import build_gpt_model
-    from rlkit.parallel.megatron.step import megatron_forward
 
     config = CONFIGS[name]
     hf = build_tiny_qwen3(seed=3, vocab_size=VOCAB)
@@ -148,8 +148,8 @@ def test_one_process_step_equals_the_whole_batch_loss(name):
 
 @pytest.mark.usefixtures("megatron_world")
 def test_missing_inputs_are_named():
+    from rlkit.parallel.megatron.forward import megatron_forward
     from rlkit.parallel.megatron.model import build_gpt_model
-    from rlkit.parallel.megatron.step import megatron_forward
 
     hf = build_tiny_qwen3(seed=0, vocab_size=VOCAB)
     model = build_gpt_model(hf.config, hf_state_dict=hf.state_dict())
@@ -206,8 +206,8 @@ def _worker(rank: int, init_file: str, results) -> None:
     torch.set_num_threads(1)
     from megatron.core import parallel_state as ps
 
+    from rlkit.parallel.megatron.forward import megatron_forward
     from rlkit.parallel.megatron.model import build_gpt_model, init_model_parallel
-    from rlkit.parallel.megatron.step import megatron_forward
 
     try:
         for case, (sizes, dp, config, _) in PARALLEL_CASES.items():

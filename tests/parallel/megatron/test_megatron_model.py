@@ -9,8 +9,8 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
 
 from rlkit.models.tiny import build_tiny_qwen3  # noqa: E402
 from rlkit.parallel.layouts import pack_thd  # noqa: E402
+from rlkit.parallel.megatron.forward import megatron_forward  # noqa: E402
 from rlkit.parallel.megatron.model import build_gpt_model, transformer_config_from_hf  # noqa: E402
-from rlkit.parallel.megatron.step import megatron_forward  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("megatron_world")
 

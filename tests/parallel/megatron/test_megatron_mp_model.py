@@ -51,8 +51,8 @@ def _worker(rank: int, init_file: str, results) -> None:
     from megatron.core import parallel_state
 
     from rlkit.parallel.layouts import pack_thd
+    from rlkit.parallel.megatron.forward import megatron_forward
     from rlkit.parallel.megatron.model import build_gpt_model, init_model_parallel
-    from rlkit.parallel.megatron.step import megatron_forward
 
     try:
         for case, sizes in CASES.items():

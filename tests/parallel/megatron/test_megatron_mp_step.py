@@ -25,7 +25,8 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from rlkit.algos.losses import PolicyLossConfig  # noqa: E402
 from rlkit.ckpt.convert import Layout, megatron_to_hf  # noqa: E402
-from rlkit.parallel.megatron.step import RLBatch, compute_log_probs, hf_forward, train_step  # noqa: E402
+from rlkit.parallel.megatron.forward import hf_forward  # noqa: E402
+from rlkit.parallel.megatron.step import RLBatch, compute_log_probs, train_step  # noqa: E402
 from rlkit.parallel.packing import DataPacker  # noqa: E402
 
 WORLD = 2
@@ -73,8 +74,8 @@ def _worker(rank: int, init_file: str, results) -> None:
     torch.set_num_threads(1)
     from megatron.core import parallel_state as ps
 
+    from rlkit.parallel.megatron.forward import megatron_forward
     from rlkit.parallel.megatron.model import build_gpt_model, init_model_parallel
-    from rlkit.parallel.megatron.step import megatron_forward
 
     try:
         for case, (sizes, sequence_parallel, moe, dp, _) in CASES.items():

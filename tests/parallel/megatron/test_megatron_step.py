@@ -12,8 +12,9 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
 from rlkit.algos.losses import PolicyLossConfig  # noqa: E402
 from rlkit.ckpt.convert import megatron_to_hf  # noqa: E402
 from rlkit.models.tiny import build_tiny_qwen3  # noqa: E402
+from rlkit.parallel.megatron.forward import hf_forward, megatron_forward  # noqa: E402
 from rlkit.parallel.megatron.model import build_gpt_model  # noqa: E402
-from rlkit.parallel.megatron.step import RLBatch, hf_forward, megatron_forward, train_step  # noqa: E402
+from rlkit.parallel.megatron.step import RLBatch, train_step  # noqa: E402
 from rlkit.parallel.packing import DataPacker  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("megatron_world")

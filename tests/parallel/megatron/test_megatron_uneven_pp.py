@@ -24,7 +24,8 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from rlkit.algos.losses import PolicyLossConfig  # noqa: E402
 from rlkit.ckpt.convert import Layout, megatron_to_hf  # noqa: E402
-from rlkit.parallel.megatron.step import RLBatch, hf_forward, train_step  # noqa: E402
+from rlkit.parallel.megatron.forward import hf_forward  # noqa: E402
+from rlkit.parallel.megatron.step import RLBatch, train_step  # noqa: E402
 from rlkit.parallel.packing import DataPacker  # noqa: E402
 
 WORLD = 2
@@ -56,8 +57,8 @@ def _worker(rank: int, init_file: str, results) -> None:
     from megatron.core import parallel_state as ps
 
     from rlkit.parallel.megatron import weight_sync
+    from rlkit.parallel.megatron.forward import megatron_forward
     from rlkit.parallel.megatron.model import build_gpt_model, init_model_parallel
-    from rlkit.parallel.megatron.step import megatron_forward
 
     try:
         init_model_parallel(pipeline_model_parallel_size=2)
