@@ -11,19 +11,26 @@ is one plain function of tensors that ``torch.compile`` turns into one graph for
 * :func:`attention_sublayer_reference`: ``h + W_o attn(rope(qk_norm(split(W_qkv rms_norm(h)))))``;
 * :func:`mlp_sublayer_reference`: ``h + W_2 swiglu(W_1 rms_norm(h))``.
 
+Under tensor parallelism (with or without sequence parallelism) the collectives stay megatron's autograd
+functions between compiled regions: ``rms_norm`` -> column-parallel input (all-gather under SP) -> the
+compiled core on this rank's heads or MLP columns (:func:`attention_core_reference`,
+:func:`mlp_core_reference`) -> row-parallel output (reduce-scatter under SP, else all-reduce) -> residual.
+
 The matmuls stay cuBLAS calls and attention stays PyTorch's varlen kernel; Inductor fuses everything
 between them, and one autograd node per sublayer replaces a dozen. The arithmetic is the modules'
 (:mod:`rlkit.parallel.megatron.fused`'s references, megatron's QKV layout), so CPU runs the same
 functions eagerly and a test compares them with the module path and HF transformers.
 
 :class:`FusedTransformerLayer` (``fused_transformer_layer_class()``) is megatron-core's
-``TransformerLayer`` that takes this path when it applies: THD-packed input, one tensor- and
-context-parallel rank (no SP), no dropout, biases, recompute of single modules, offloading or
-inference context, and the fused spec's modules. Anything else, and MoE MLPs, runs the parent's code.
-Full-layer recompute (``recompute_granularity="full"``) wraps whole layers and works unchanged.
+``TransformerLayer`` that takes this path when it applies: THD-packed input (the MLP also padded), one
+context-parallel rank, no dropout, biases, selective recompute, offloading, forward hooks on the bypassed
+modules or inference context, and the fused spec's modules (the full list: ``_static_routes``). Anything
+else, and MoE MLPs, runs the parent's code. Full-layer recompute (``recompute_granularity="full"``) wraps
+whole layers and works unchanged.
 
 Shape legend: ``T`` packed tokens, ``D`` hidden size, ``G`` query groups (key/value heads), ``Hq`` query
-heads, ``d`` head dim, ``F`` MLP width, ``S`` rotary table length, ``N`` packed sequences.
+heads, ``d`` head dim, ``F`` MLP width, ``L`` rotary table length (the longest sequence), ``N`` packed
+sequences.
 """
 
 from __future__ import annotations
