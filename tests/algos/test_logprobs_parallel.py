@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gloo_ranks import run_on_gloo_ranks
 from rlkit.algos.logprobs import vocab_parallel_logprobs_and_entropy
 
 WORLD = 2
@@ -40,30 +36,22 @@ def _reference(logits, tokens, temperature, g_lp, g_ent):
     return lp, ent, grad
 
 
-def _worker(rank, init_file, results):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
-    try:
-        out = {}
-        for dtype, temperature, chunk in ((torch.float32, 0.8, 4), (torch.bfloat16, 1.0, None)):
-            logits, tokens, g_lp, g_ent = _inputs(dtype)
-            shard_size = logits.shape[1] // WORLD
-            shard = logits[:, rank * shard_size : (rank + 1) * shard_size].clone().requires_grad_()
-            lp, ent = vocab_parallel_logprobs_and_entropy(
-                shard, tokens, vocab_start=rank * shard_size, group=None, temperature=temperature, chunk_size=chunk
-            )
-            (grad,) = torch.autograd.grad((lp, ent), shard, (g_lp, g_ent))
-            out[str(dtype)] = (lp.detach(), ent.detach(), grad.float())
-        results[rank] = out
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, results):
+    out = {}
+    for dtype, temperature, chunk in ((torch.float32, 0.8, 4), (torch.bfloat16, 1.0, None)):
+        logits, tokens, g_lp, g_ent = _inputs(dtype)
+        shard_size = logits.shape[1] // WORLD
+        shard = logits[:, rank * shard_size : (rank + 1) * shard_size].clone().requires_grad_()
+        lp, ent = vocab_parallel_logprobs_and_entropy(
+            shard, tokens, vocab_start=rank * shard_size, group=None, temperature=temperature, chunk_size=chunk
+        )
+        (grad,) = torch.autograd.grad((lp, ent), shard, (g_lp, g_ent))
+        out[str(dtype)] = (lp.detach(), ent.detach(), grad.float())
+    results[rank] = out
 
 
 def test_vocab_parallel_matches_unsharded():
-    with tempfile.TemporaryDirectory() as tmp:
-        results = mp.Manager().dict()
-        mp.spawn(_worker, args=(os.path.join(tmp, "init"), results), nprocs=WORLD, join=True)
-        results = dict(results)
+    results = run_on_gloo_ranks(_worker, WORLD)
     for dtype, temperature, grad_tol in ((torch.float32, 0.8, 1e-5), (torch.bfloat16, 1.0, 1e-2)):
         logits, tokens, g_lp, g_ent = _inputs(dtype)
         ref_lp, ref_ent, ref_grad = _reference(logits, tokens, temperature, g_lp, g_ent)

@@ -8,14 +8,12 @@ index arithmetic and runs bottom-right-aligned attention per chunk, a different 
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gloo_ranks import run_on_gloo_ranks
 from rlkit.parallel.context import cp_split, cp_token_indices, cp_unsplit
 from rlkit.parallel.megatron.attention import packed_causal_attention, packed_causal_attention_reference
 from rlkit.parallel.megatron.context_parallel import (
@@ -135,31 +133,23 @@ def test_bad_inputs_are_named():
 WORLD = 2
 
 
-def _worker(rank, init_file, results):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
-    try:
-        q, k, v, cu, grad_out = _problem(WORLD)
-        local = [cp_split(x, cu, cp_size=WORLD, cp_rank=rank, dim=0).requires_grad_() for x in (q, k, v)]
-        out = context_parallel_attention(*local, cu, group=dist.group.WORLD, max_seqlen=int(cu.diff().max()))
-        grads = torch.autograd.grad(out, local, cp_split(grad_out, cu, cp_size=WORLD, cp_rank=rank, dim=0))
-        bad = None
-        try:  # the local cu_seqlens instead of the full one: named
-            local_cu = torch.tensor([0, q.shape[0] // WORLD], dtype=torch.int32)
-            context_parallel_attention(*local, local_cu, group=dist.group.WORLD)
-        except ValueError as err:
-            bad = str(err)
-        results[rank] = (out.detach(), [g.detach() for g in grads], bad)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, results):
+    q, k, v, cu, grad_out = _problem(WORLD)
+    local = [cp_split(x, cu, cp_size=WORLD, cp_rank=rank, dim=0).requires_grad_() for x in (q, k, v)]
+    out = context_parallel_attention(*local, cu, group=dist.group.WORLD, max_seqlen=int(cu.diff().max()))
+    grads = torch.autograd.grad(out, local, cp_split(grad_out, cu, cp_size=WORLD, cp_rank=rank, dim=0))
+    bad = None
+    try:  # the local cu_seqlens instead of the full one: named
+        local_cu = torch.tensor([0, q.shape[0] // WORLD], dtype=torch.int32)
+        context_parallel_attention(*local, local_cu, group=dist.group.WORLD)
+    except ValueError as err:
+        bad = str(err)
+    results[rank] = (out.detach(), [g.detach() for g in grads], bad)
 
 
 def test_context_parallel_attention_on_two_gloo_ranks():
     """All-gather forward, reduce-scatter backward: per-rank outputs and q/k/v gradients == reference, split."""
-    with tempfile.TemporaryDirectory() as tmp:
-        results = mp.Manager().dict()
-        mp.spawn(_worker, args=(os.path.join(tmp, "init"), results), nprocs=WORLD, join=True)
-        results = dict(results)
+    results = run_on_gloo_ranks(_worker, WORLD)
     q, k, v, cu, grad_out = _problem(WORLD)
     ref_out, ref_grads = _reference(q, k, v, cu, grad_out)
     for rank in range(WORLD):

@@ -9,18 +9,14 @@ test checks directly against a float64 formula.
 
 from __future__ import annotations
 
-import os
-import tempfile
-import warnings
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install 'rlkit[megatron]')")
 
+from gloo_ranks import run_on_gloo_ranks  # noqa: E402
 from rlkit.parallel.context import cp_split_padded, cp_token_indices  # noqa: E402
 from rlkit.parallel.layouts import pack_thd  # noqa: E402
 from rlkit.parallel.megatron.attention import packed_causal_attention_reference  # noqa: E402
@@ -81,10 +77,7 @@ def _float64_rope(x, positions, theta):
     return x.double() * cos + rotated.double() * sin
 
 
-def _worker(rank, init_file, results):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")  # megatron-core's no-TE/Apex notices
+def _worker(rank, results):
     from megatron.core import parallel_state
     from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
@@ -132,15 +125,11 @@ def _worker(rank, init_file, results):
         )
     finally:
         parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def cp_results():
-    with tempfile.TemporaryDirectory() as tmp:
-        results = mp.Manager().dict()
-        mp.spawn(_worker, args=(os.path.join(tmp, "init"), results), nprocs=WORLD, join=True)
-        return dict(results)
+    return run_on_gloo_ranks(_worker, WORLD)
 
 
 @pytest.mark.usefixtures("megatron_world")

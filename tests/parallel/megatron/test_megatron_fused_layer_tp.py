@@ -8,9 +8,6 @@ equal HF transformers' single-process step (test_megatron_mp_step.py). float32: 
 
 from __future__ import annotations
 
-import os
-import tempfile
-import warnings
 from unittest import mock
 
 import pytest
@@ -18,9 +15,8 @@ import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install 'rlkit[megatron]')")
 
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
+from gloo_ranks import run_on_gloo_ranks  # noqa: E402
 from rlkit.algos.losses import PolicyLossConfig  # noqa: E402
 from rlkit.parallel.megatron.step import RLBatch, train_step  # noqa: E402
 from rlkit.parallel.packing import DataPacker  # noqa: E402
@@ -39,10 +35,7 @@ def _batch() -> RLBatch:
     return RLBatch(tokens=tokens, response_lengths=RESPONSES, advantages=adv, old_log_probs=old)
 
 
-def _worker(rank: int, init_file: str, results) -> None:
-    warnings.simplefilter("ignore")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
+def _worker(rank: int, results) -> None:
     from megatron.core import parallel_state as ps
 
     from rlkit.models.tiny import build_tiny_qwen3
@@ -61,44 +54,38 @@ def _worker(rank: int, init_file: str, results) -> None:
 
         return wrapper
 
-    try:
-        for sequence_parallel in (False, True):
-            megatron_model.init_model_parallel(tensor_model_parallel_size=2)
-            hf = build_tiny_qwen3(seed=3, vocab_size=VOCAB)
-            for compiled in (True, False):
-                model = megatron_model.build_gpt_model(
-                    hf.config, hf_state_dict=hf.state_dict(), sequence_parallel=sequence_parallel,
-                    compiled_sublayers=compiled,
+    for sequence_parallel in (False, True):
+        megatron_model.init_model_parallel(tensor_model_parallel_size=2)
+        hf = build_tiny_qwen3(seed=3, vocab_size=VOCAB)
+        for compiled in (True, False):
+            model = megatron_model.build_gpt_model(
+                hf.config, hf_state_dict=hf.state_dict(), sequence_parallel=sequence_parallel,
+                compiled_sublayers=compiled,
+            )  # fmt: skip
+            calls.update(attention_core=0, mlp_core=0)
+            with (
+                mock.patch.object(fused_layer, "attention_core", counted("attention_core")),
+                mock.patch.object(fused_layer, "mlp_core", counted("mlp_core")),
+            ):
+                step = train_step(
+                    model, None, _batch(), packer=DataPacker(max_tokens_per_gpu=40),
+                    loss_config=PolicyLossConfig(), forward=megatron_forward(model), vocab_size=VOCAB,
+                    max_grad_norm=None,
                 )  # fmt: skip
-                calls.update(attention_core=0, mlp_core=0)
-                with (
-                    mock.patch.object(fused_layer, "attention_core", counted("attention_core")),
-                    mock.patch.object(fused_layer, "mlp_core", counted("mlp_core")),
-                ):
-                    step = train_step(
-                        model, None, _batch(), packer=DataPacker(max_tokens_per_gpu=40),
-                        loss_config=PolicyLossConfig(), forward=megatron_forward(model), vocab_size=VOCAB,
-                        max_grad_norm=None,
-                    )  # fmt: skip
-                results[(sequence_parallel, compiled, rank)] = dict(
-                    loss=step.loss,
-                    grad_norm=step.grad_norm,
-                    calls=dict(calls),
-                    micro_batches=step.num_micro_batches,
-                    layers=len(model.decoder.layers),
-                    grads={n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-                )
-            ps.destroy_model_parallel()
-    finally:
-        dist.destroy_process_group()
+            results[(sequence_parallel, compiled, rank)] = dict(
+                loss=step.loss,
+                grad_norm=step.grad_norm,
+                calls=dict(calls),
+                micro_batches=step.num_micro_batches,
+                layers=len(model.decoder.layers),
+                grads={n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+            )
+        ps.destroy_model_parallel()
 
 
 @pytest.fixture(scope="module")
 def results():
-    with tempfile.TemporaryDirectory() as tmp:
-        out = mp.Manager().dict()
-        mp.spawn(_worker, args=(os.path.join(tmp, "init"), out), nprocs=WORLD, join=True)
-        return dict(out)
+    return run_on_gloo_ranks(_worker, WORLD)
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])

@@ -7,18 +7,13 @@ The reference is HF's unsharded forward in the parent process.
 
 from __future__ import annotations
 
-import os
-import tempfile
-import warnings
-
 import pytest
 import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install 'rlkit[megatron]')")
 
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
+from gloo_ranks import run_on_gloo_ranks  # noqa: E402
 from rlkit.parallel.plan import ParallelPlan  # noqa: E402
 
 WORLD = 2
@@ -44,37 +39,28 @@ def _tokens() -> list[torch.Tensor]:
     return [torch.randint(0, VOCAB, (n,), generator=g) for n in LENGTHS]
 
 
-def _worker(rank: int, init_file: str, results) -> None:
-    warnings.simplefilter("ignore")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
+def _worker(rank: int, results) -> None:
     from megatron.core import parallel_state
 
     from rlkit.parallel.layouts import pack_thd
     from rlkit.parallel.megatron.forward import megatron_forward
     from rlkit.parallel.megatron.model import build_gpt_model, init_model_parallel
 
-    try:
-        for case, sizes in CASES.items():
-            if "plan" in sizes:
-                init_model_parallel(sizes["plan"])
-            else:
-                init_model_parallel(**sizes)
-            hf = _hf_model(case)
-            model = build_gpt_model(hf.config, hf_state_dict=hf.state_dict(), sequence_parallel=case.endswith("sp"))
-            micro = pack_thd(_tokens(), [2, 3], total_multiple=WORLD)  # SP: T divisible by tp
-            with torch.no_grad():
-                results[(case, rank)] = megatron_forward(model.eval())(micro)[: sum(LENGTHS)]
-            parallel_state.destroy_model_parallel()
-    finally:
-        dist.destroy_process_group()
+    for case, sizes in CASES.items():
+        if "plan" in sizes:
+            init_model_parallel(sizes["plan"])
+        else:
+            init_model_parallel(**sizes)
+        hf = _hf_model(case)
+        model = build_gpt_model(hf.config, hf_state_dict=hf.state_dict(), sequence_parallel=case.endswith("sp"))
+        micro = pack_thd(_tokens(), [2, 3], total_multiple=WORLD)  # SP: T divisible by tp
+        with torch.no_grad():
+            results[(case, rank)] = megatron_forward(model.eval())(micro)[: sum(LENGTHS)]
+        parallel_state.destroy_model_parallel()
 
 
 def test_model_parallel_logits_match_hf():
-    with tempfile.TemporaryDirectory() as tmp:
-        results = mp.Manager().dict()
-        mp.spawn(_worker, args=(os.path.join(tmp, "init"), results), nprocs=WORLD, join=True)
-        results = dict(results)
+    results = run_on_gloo_ranks(_worker, WORLD)
     for case in CASES:
         with torch.no_grad():
             want = torch.cat([_hf_model(case)(input_ids=t[None]).logits[0] for t in _tokens()])

@@ -11,18 +11,14 @@ float32 on CPU: the same math summed in another order, relative differences ~1e-
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
-import warnings
 
 import pytest
 import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install 'rlkit[megatron]')")
 
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
+from gloo_ranks import run_on_gloo_ranks  # noqa: E402
 from rlkit.algos.losses import PolicyLossConfig  # noqa: E402
 from rlkit.ckpt.convert import Layout, megatron_to_hf  # noqa: E402
 from rlkit.parallel.megatron.forward import hf_forward  # noqa: E402
@@ -68,50 +64,41 @@ def _batch() -> RLBatch:
     return RLBatch(tokens=tokens, response_lengths=RESPONSES, advantages=adv, old_log_probs=old, loss_masks=masks)
 
 
-def _worker(rank: int, init_file: str, results) -> None:
-    warnings.simplefilter("ignore")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
+def _worker(rank: int, results) -> None:
     from megatron.core import parallel_state as ps
 
     from rlkit.parallel.megatron.forward import megatron_forward
     from rlkit.parallel.megatron.model import build_gpt_model, init_model_parallel
 
-    try:
-        for case, (sizes, sequence_parallel, moe, dp, _) in CASES.items():
-            init_model_parallel(**sizes)
-            hf = _hf_model(moe)
-            model = build_gpt_model(hf.config, hf_state_dict=hf.state_dict(), sequence_parallel=sequence_parallel)
-            cp = sizes.get("context_parallel_size", 1)
-            packer = DataPacker(dp_size=dp, cp_size=cp, max_tokens_per_gpu=BUDGET // cp)
-            forward = megatron_forward(model)
-            step = train_step(
-                model, None, _batch(), packer=packer, loss_config=LOSS, forward=forward, vocab_size=VOCAB,
-                max_grad_norm=None,
-            )  # fmt: skip
-            log_probs = compute_log_probs(
-                forward, _batch().tokens, RESPONSES, packer=packer, vocab_size=VOCAB, model=model.eval()
-            )
-            results[(case, rank)] = dict(
-                loss=step.loss,
-                grad_norm=step.grad_norm,
-                clipfrac=step.metrics["pg_clipfrac"],
-                shard=(ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
-                       ps.get_expert_model_parallel_rank()),
-                grads={n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-                log_probs=log_probs,
-            )  # fmt: skip
-            ps.destroy_model_parallel()
-    finally:
-        dist.destroy_process_group()
+    for case, (sizes, sequence_parallel, moe, dp, _) in CASES.items():
+        init_model_parallel(**sizes)
+        hf = _hf_model(moe)
+        model = build_gpt_model(hf.config, hf_state_dict=hf.state_dict(), sequence_parallel=sequence_parallel)
+        cp = sizes.get("context_parallel_size", 1)
+        packer = DataPacker(dp_size=dp, cp_size=cp, max_tokens_per_gpu=BUDGET // cp)
+        forward = megatron_forward(model)
+        step = train_step(
+            model, None, _batch(), packer=packer, loss_config=LOSS, forward=forward, vocab_size=VOCAB,
+            max_grad_norm=None,
+        )  # fmt: skip
+        log_probs = compute_log_probs(
+            forward, _batch().tokens, RESPONSES, packer=packer, vocab_size=VOCAB, model=model.eval()
+        )
+        results[(case, rank)] = dict(
+            loss=step.loss,
+            grad_norm=step.grad_norm,
+            clipfrac=step.metrics["pg_clipfrac"],
+            shard=(ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+                   ps.get_expert_model_parallel_rank()),
+            grads={n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+            log_probs=log_probs,
+        )  # fmt: skip
+        ps.destroy_model_parallel()
 
 
 @pytest.fixture(scope="module")
 def parallel_results():
-    with tempfile.TemporaryDirectory() as tmp:
-        results = mp.Manager().dict()
-        mp.spawn(_worker, args=(os.path.join(tmp, "init"), results), nprocs=WORLD, join=True)
-        return dict(results)
+    return run_on_gloo_ranks(_worker, WORLD)
 
 
 def _reference(moe: bool):

@@ -10,18 +10,14 @@ Reference: HF transformers' unsharded 3-layer model, the same step on one proces
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
-import warnings
 
 import pytest
 import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install 'rlkit[megatron]')")
 
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
+from gloo_ranks import run_on_gloo_ranks  # noqa: E402
 from rlkit.algos.losses import PolicyLossConfig  # noqa: E402
 from rlkit.ckpt.convert import Layout, megatron_to_hf  # noqa: E402
 from rlkit.parallel.megatron.forward import hf_forward  # noqa: E402
@@ -50,47 +46,38 @@ def _batch() -> RLBatch:
     return RLBatch(tokens=tokens, response_lengths=RESPONSES, advantages=adv, old_log_probs=old)
 
 
-def _worker(rank: int, init_file: str, results) -> None:
-    warnings.simplefilter("ignore")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
+def _worker(rank: int, results) -> None:
     from megatron.core import parallel_state as ps
 
     from rlkit.parallel.megatron import weight_sync
     from rlkit.parallel.megatron.forward import megatron_forward
     from rlkit.parallel.megatron.model import build_gpt_model, init_model_parallel
 
-    try:
-        init_model_parallel(pipeline_model_parallel_size=2)
-        hf = _hf_model()
-        model = build_gpt_model(hf.config, hf_state_dict=hf.state_dict(), **SPLIT)
-        layout, groups = weight_sync.megatron_layout_and_groups(model.config)
-        synced = {
-            name: t.clone() for name, t in weight_sync.iter_hf_tensors(model, hf.config, layout=layout, groups=groups)
-        }
-        step = train_step(
-            model, None, _batch(), packer=DataPacker(max_tokens_per_gpu=40), loss_config=LOSS,
-            forward=megatron_forward(model), vocab_size=VOCAB, max_grad_norm=None,
-        )  # fmt: skip
-        results[rank] = dict(
-            layers=len(model.decoder.layers),
-            stage=ps.get_pipeline_model_parallel_rank(),
-            loss=step.loss,
-            grad_norm=step.grad_norm,
-            grads={n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
-            synced=synced,
-        )
-        ps.destroy_model_parallel()
-    finally:
-        dist.destroy_process_group()
+    init_model_parallel(pipeline_model_parallel_size=2)
+    hf = _hf_model()
+    model = build_gpt_model(hf.config, hf_state_dict=hf.state_dict(), **SPLIT)
+    layout, groups = weight_sync.megatron_layout_and_groups(model.config)
+    synced = {
+        name: t.clone() for name, t in weight_sync.iter_hf_tensors(model, hf.config, layout=layout, groups=groups)
+    }
+    step = train_step(
+        model, None, _batch(), packer=DataPacker(max_tokens_per_gpu=40), loss_config=LOSS,
+        forward=megatron_forward(model), vocab_size=VOCAB, max_grad_norm=None,
+    )  # fmt: skip
+    results[rank] = dict(
+        layers=len(model.decoder.layers),
+        stage=ps.get_pipeline_model_parallel_rank(),
+        loss=step.loss,
+        grad_norm=step.grad_norm,
+        grads={n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+        synced=synced,
+    )
+    ps.destroy_model_parallel()
 
 
 @pytest.fixture(scope="module")
 def parallel_results():
-    with tempfile.TemporaryDirectory() as tmp:
-        results = mp.Manager().dict()
-        mp.spawn(_worker, args=(os.path.join(tmp, "init"), results), nprocs=WORLD, join=True)
-        return dict(results)
+    return run_on_gloo_ranks(_worker, WORLD)
 
 
 def test_uneven_stages_build_their_layers_and_sync_every_weight(parallel_results):

@@ -7,15 +7,12 @@ float64 from the tile amax.
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install 'rlkit[megatron]')")
 
+from gloo_ranks import run_on_gloo_ranks  # noqa: E402
 from rlkit.ckpt.convert import Layout, hf_to_megatron  # noqa: E402
 from rlkit.ckpt.experts import split_fused_experts  # noqa: E402
 from rlkit.models.tiny import build_tiny_qwen3  # noqa: E402
@@ -155,28 +152,23 @@ def test_config_and_layout_errors():
 # --- 2 gloo processes: TP / EP / expert-TP gathers, and PP stages ---------------------------------------------
 
 
-def _gather_worker(rank, init_file, cases, results):
+def _gather_worker(rank, results, cases):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    try:
-        world = dist.group.WORLD
-        out = {}
-        for key, (cfg, shards, layout) in cases.items():
-            groups = SyncGroups(
-                tp=world if layout.tp == 2 else None,
-                ep=world if layout.ep == 2 else None,
-                etp=world if layout.etp == 2 else None,
-                pp_rank=rank if layout.pp == 2 else 0,
-            )
-            # Rank r is tp rank r (tp=2), ep rank r (ep=2), stage r (pp=2) of the 2-process grid.
-            local = shards[(groups.pp_rank, rank if layout.tp == 2 else 0, rank if layout.ep == 2 else 0)]
-            out[key] = dict(iter_hf_tensors(local, cfg, layout=layout, groups=groups))
-        out.update(_live_model_parallel_syncs(rank))
-        results[rank] = out
-    finally:
-        dist.destroy_process_group()
+    world = dist.group.WORLD
+    out = {}
+    for key, (cfg, shards, layout) in cases.items():
+        groups = SyncGroups(
+            tp=world if layout.tp == 2 else None,
+            ep=world if layout.ep == 2 else None,
+            etp=world if layout.etp == 2 else None,
+            pp_rank=rank if layout.pp == 2 else 0,
+        )
+        # Rank r is tp rank r (tp=2), ep rank r (ep=2), stage r (pp=2) of the 2-process grid.
+        local = shards[(groups.pp_rank, rank if layout.tp == 2 else 0, rank if layout.ep == 2 else 0)]
+        out[key] = dict(iter_hf_tensors(local, cfg, layout=layout, groups=groups))
+    out.update(_live_model_parallel_syncs(rank))
+    results[rank] = out
 
 
 LIVE_CASES = {  # a live model-parallel GPTModel built by build_gpt_model on the 2 ranks
@@ -240,10 +232,7 @@ def test_tp_ep_etp_pp_gathers_on_two_processes_equal_the_hf_state_dict():
         cases[key] = (cfg, hf_to_megatron(hf.state_dict(), cfg, layout=layout), layout)
         expected[key] = split_fused_experts(hf.state_dict())
     expected["dense_pp2"].pop("lm_head.weight")  # tied: the embedding is the head
-    with tempfile.TemporaryDirectory() as tmp:
-        results = mp.Manager().dict()
-        mp.spawn(_gather_worker, args=(os.path.join(tmp, "init"), cases, results), nprocs=2, join=True)
-        results = dict(results)
+    results = run_on_gloo_ranks(_gather_worker, 2, cases)
     for case in ("live_tp2", "live_tp2_ep2"):  # every rank's engine holds the HF source's weights and logits
         source = _live_source(case)
         for rank in range(2):
