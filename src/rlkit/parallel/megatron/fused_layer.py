@@ -291,15 +291,25 @@ def _static_features(*tensors: Tensor) -> None:
 
 def mlp_sublayer(hidden: Tensor, norm_weight: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, *, eps: float) -> Tensor:
     """:func:`mlp_sublayer_reference`, one compiled graph on CUDA in bf16/fp16."""
-    return _mlp_call(mlp_sublayer_reference, hidden, (norm_weight, fc1_weight, fc2_weight), dict(eps=eps))
+    return _token_call(mlp_sublayer_reference, hidden, (norm_weight, fc1_weight, fc2_weight), dict(eps=eps))
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """:func:`rlkit.parallel.megatron.fused.rms_norm_reference` compiled as the sublayers are (before a TP mapping).
+
+    :func:`rlkit.parallel.megatron.fused.rms_norm` compiles the same formula with first-call size marks,
+    which suit the module path; here it follows the sublayers' policy (symbolic sizes, scoped settings).
+    """
+    return _token_call(rms_norm_reference, x, (weight,), dict(eps=eps))
 
 
 def mlp_core(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor) -> Tensor:
     """:func:`mlp_core_reference`, one compiled graph on CUDA in bf16/fp16."""
-    return _mlp_call(mlp_core_reference, x, (fc1_weight, fc2_weight), {})
+    return _token_call(mlp_core_reference, x, (fc1_weight, fc2_weight), {})
 
 
-def _mlp_call(fn, hidden: Tensor, weights, options) -> Tensor:
+def _token_call(fn, hidden: Tensor, weights, options) -> Tensor:
+    """Run ``fn(hidden, *weights, **options)`` (no attention) eagerly, or compiled on CUDA in bf16/fp16."""
     if not (hidden.dtype in (torch.bfloat16, torch.float16) and _use_compile(hidden, "auto")):
         return fn(hidden, *weights, **options)
     _static_features(hidden)
@@ -348,7 +358,9 @@ def fused_transformer_layer_class():
             if tp_group.size() == 1:
                 out = attention_sublayer(hidden_states, *where, norm.weight, *weights, eps=norm.eps, **options)
             else:
-                x = _into_tensor_parallel(norm(hidden_states), self.config.sequence_parallel, tp_group)
+                x = _into_tensor_parallel(
+                    rms_norm(hidden_states, norm.weight, norm.eps), self.config.sequence_parallel, tp_group
+                )
                 partial = attention_core(x, *where, *weights, **options)
                 out = hidden_states + _out_of_tensor_parallel(partial, self.config.sequence_parallel, tp_group)
             return out, kwargs.get("context")
@@ -362,7 +374,9 @@ def fused_transformer_layer_class():
             norm, tp_group = self.pre_mlp_layernorm, self.pg_collection.tp
             if tp_group.size() == 1:
                 return mlp_sublayer(hidden_states, norm.weight, *weights, eps=norm.eps)
-            x = _into_tensor_parallel(norm(hidden_states), self.config.sequence_parallel, tp_group)
+            x = _into_tensor_parallel(
+                rms_norm(hidden_states, norm.weight, norm.eps), self.config.sequence_parallel, tp_group
+            )
             partial = mlp_core(x, *weights)
             return hidden_states + _out_of_tensor_parallel(partial, self.config.sequence_parallel, tp_group)
 
