@@ -183,7 +183,7 @@ def test_equals_rl_loss_on_the_per_token_outputs(aggregation):
         kl_loss_type="low_var_kl", entropy_coef=0.01, use_tis=True, aggregation=aggregation,
     )  # fmt: skip
     common = dict(config=config, normalizer=normalizer, ref_log_probs=ref, rollout_log_probs=rollout,
-                  sample_ids=sample_ids)  # fmt: skip
+                  sample_ids=sample_ids, metrics_normalizer=float(loss_mask.sum()))  # fmt: skip
 
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     loss_fn = rl_loss_fn(old, advantages, loss_mask, **common)

@@ -349,6 +349,33 @@ def test_rl_loss_micro_batches_sum_to_whole_token_mean():
     torch.testing.assert_close(sum(p[1]["pg_clipfrac"] for p in parts), wm["pg_clipfrac"], rtol=1e-13, atol=1e-15)
 
 
+def test_seq_mean_token_sum_norm_metrics_are_token_means_over_micro_batches():
+    """Dr.GRPO's loss weights sum to tokens / (N L), not one: its metrics are global token means instead."""
+    gen = torch.Generator().manual_seed(5)
+    old = -torch.rand(12, generator=gen, dtype=F64)
+    lp = old + 0.3 * torch.randn(12, generator=gen, dtype=F64)
+    adv = torch.randn(12, generator=gen, dtype=F64)
+    mask = torch.tensor([1, 1, 0, 1, 1, 1, 0, 1, 1, 1, 1, 0], dtype=F64)  # 9 loss tokens in 3 samples of 4
+    cfg = PolicyLossConfig(aggregation="seq_mean_token_sum_norm", use_tis=True, tis_clip=2.0)
+    norm = global_normalizer([3, 3, 3], mode="seq_mean_token_sum_norm", max_response_len=10)  # N L = 30
+    common = dict(config=cfg, normalizer=norm, metrics_normalizer=9.0)
+    parts = [
+        rl_loss(lp[s], old[s], adv[s], mask[s], rollout_log_probs=old[s], **common) for s in (slice(0, 5), slice(5, 12))
+    ]
+    metrics = {name: sum(p[1][name] for p in parts) for name in parts[0][1]}
+    # The behaviour policy is the rollout policy: every TIS weight is 1, so their mean is 1 (not 9 / 30).
+    torch.testing.assert_close(metrics["tis"], torch.tensor(1.0, dtype=F64), rtol=1e-13, atol=0)
+    ratio = torch.exp(lp - old)
+    clipped = ((ratio > 1.2) & (adv > 0)) | ((ratio < 0.8) & (adv < 0))  # where the clip bites: token mean
+    torch.testing.assert_close(metrics["pg_clipfrac"], (clipped * mask).sum() / 9, rtol=1e-13, atol=1e-15)
+    assert 0 < float(metrics["pg_clipfrac"]) < 1
+    # The loss keeps the constant normalizer: sum(pg * mask) / (N L).
+    pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2))
+    torch.testing.assert_close(sum(p[0] for p in parts), (pg * mask).sum() / 30, rtol=1e-13, atol=1e-15)
+    with pytest.raises(ValueError, match="needs metrics_normalizer"):
+        rl_loss(lp, old, adv, mask, config=cfg, normalizer=norm, rollout_log_probs=old)
+
+
 def test_config_and_rl_loss_errors():
     with pytest.raises(ValueError, match=r"eps_clip_c=1.0 must be > 1"):
         PolicyLossConfig(eps_clip_c=1.0)

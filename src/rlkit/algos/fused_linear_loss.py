@@ -264,6 +264,7 @@ def rl_loss_fn(
     rollout_log_probs: Tensor | None = None,
     sample_ids: Tensor | None = None,
     sample_loss_token_counts: Tensor | None = None,
+    metrics_normalizer: float | None = None,
     policy_loss: Literal["ppo", "gspo"] = "ppo",
 ) -> LossFn:
     """:func:`~rlkit.algos.losses.rl_loss` as a ``loss_fn`` for :func:`fused_loss_from_hidden`.
@@ -276,8 +277,8 @@ def rl_loss_fn(
     Args:
         old_log_probs, advantages, loss_mask: ``[T]`` packed, aligned with the hidden states' tokens
             (flatten a padded ``[B, T]`` batch and pass ``sample_ids`` = row index).
-        config, normalizer, ref_log_probs, rollout_log_probs, sample_ids, sample_loss_token_counts: as
-            for :func:`~rlkit.algos.losses.rl_loss`.
+        config, normalizer, ref_log_probs, rollout_log_probs, sample_ids, sample_loss_token_counts,
+            metrics_normalizer: as for :func:`~rlkit.algos.losses.rl_loss`.
         policy_loss: ``"ppo"`` (``rl_loss``'s clipped token ratio). ``"gspo"`` is refused: its sequence
             ratio couples the tokens of a sample, so the loss is not a sum of per-token terms.
 
@@ -313,7 +314,7 @@ def rl_loss_fn(
             config=config, normalizer=normalizer, ref_log_probs=part(ref_log_probs, rows),
             entropy=entropy,
             rollout_log_probs=part(rollout_log_probs, rows), sample_ids=part(sample_ids, rows),
-            sample_loss_token_counts=sample_loss_token_counts,
+            sample_loss_token_counts=sample_loss_token_counts, metrics_normalizer=metrics_normalizer,
         )  # fmt: skip
 
     return loss_fn

@@ -407,6 +407,7 @@ def rl_loss(
     rollout_log_probs: Tensor | None = None,
     sample_ids: Tensor | None = None,
     sample_loss_token_counts: Tensor | None = None,
+    metrics_normalizer: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """One micro-batch's share of the RL loss: policy clip (x TIS) + KL loss + entropy bonus, aggregated.
 
@@ -427,6 +428,10 @@ def rl_loss(
         rollout_log_probs: needed if ``config.use_tis``.
         sample_ids, sample_loss_token_counts: for packed input under ``sample_mean``
             (see :func:`~rlkit.algos.aggregation.token_weights`).
+        metrics_normalizer: the global batch's loss-token count (``global_normalizer(..., mode="token_mean")``),
+            needed under ``seq_mean_token_sum_norm``: that mode's weights sum to ``tokens / (N L)``, not one, so
+            its metrics (clip fractions, KL, TIS weights, entropy) are token means over the global batch
+            instead. Under ``token_mean`` and ``sample_mean`` the metrics use the loss's own weights.
 
     Returns:
         ``(loss, metrics)``: 0-dim loss; metrics are detached 0-dim tensors named ``loss``,
@@ -454,6 +459,21 @@ def rl_loss(
     def agg(values: Tensor) -> Tensor:
         return weighted_sum(values, agg_weights)
 
+    metric_weights = agg_weights
+    if config.aggregation == "seq_mean_token_sum_norm":
+        if metrics_normalizer is None:
+            raise ValueError(
+                "aggregation='seq_mean_token_sum_norm' needs metrics_normalizer (the global loss-token count, "
+                "global_normalizer(..., mode='token_mean')): its loss weights do not sum to one, so they cannot "
+                "average the metrics"
+            )
+        metric_weights = token_weights(
+            loss_mask, mode="token_mean", normalizer=metrics_normalizer, dtype=log_probs.dtype
+        )
+
+    def mean(values: Tensor) -> Tensor:
+        return weighted_sum(values, metric_weights)
+
     pg, pg_metrics = ppo_policy_loss(
         log_probs,
         old_log_probs,
@@ -469,21 +489,22 @@ def rl_loss(
             old_log_probs, rollout_log_probs, tis_clip=config.tis_clip, tis_clip_low=config.tis_clip_low
         )
         pg = pg * is_weights
-        metrics.update({name: agg(v) for name, v in tis_metrics.items()})
+        metrics.update({name: mean(v) for name, v in tis_metrics.items()})
     pg_loss = agg(pg)
     loss = pg_loss
     metrics["pg_loss"] = pg_loss
-    metrics["pg_clipfrac"] = agg(pg_metrics["clipfrac"])
-    metrics["pg_dual_clipfrac"] = agg(pg_metrics["dual_clipfrac"])
-    metrics["ppo_kl"] = agg(pg_metrics["ppo_kl"])
+    metrics["pg_clipfrac"] = mean(pg_metrics["clipfrac"])
+    metrics["pg_dual_clipfrac"] = mean(pg_metrics["dual_clipfrac"])
+    metrics["ppo_kl"] = mean(pg_metrics["ppo_kl"])
     if config.use_kl_loss:
         assert ref_log_probs is not None
-        kl_loss = agg(kl_estimator(log_probs, ref_log_probs, kind=config.kl_loss_type))
+        kl = kl_estimator(log_probs, ref_log_probs, kind=config.kl_loss_type)
+        kl_loss = agg(kl)
         loss = loss + config.kl_loss_coef * kl_loss
-        metrics["kl_loss"] = kl_loss
+        metrics["kl_loss"] = mean(kl.detach()) if metric_weights is not agg_weights else kl_loss
     if entropy is not None:
         ent = agg(entropy)
         loss = loss - config.entropy_coef * ent
-        metrics["entropy"] = ent
+        metrics["entropy"] = mean(entropy.detach()) if metric_weights is not agg_weights else ent
     metrics["loss"] = loss
     return loss, {name: v.detach() for name, v in metrics.items()}

@@ -127,6 +127,7 @@ def accumulate_policy_gradients(
     loss_tokens = [sum(s.effective_loss_mask()) for s in samples]
     plan = packer.pack([len(s.tokens) for s in samples], loss_token_counts=loss_tokens)
     normalizer = plan.normalizer(loss_config.aggregation, max_response_len=max_response_len)
+    metrics_normalizer = plan.normalizer("token_mean")
     totals: dict[str, float] = {}
     for micro_indices in plan.micro_batches[0]:
         micro = [samples[i] for i in micro_indices]
@@ -143,6 +144,7 @@ def accumulate_policy_gradients(
             ref_log_probs=_per_token(micro, "ref_log_probs", device) if loss_config.use_kl_loss else None,
             rollout_log_probs=_per_token(micro, "rollout_log_probs", device) if loss_config.use_tis else None,
             sample_ids=torch.cat([torch.full((s.response_length,), k) for k, s in enumerate(micro)]).to(device),
+            metrics_normalizer=metrics_normalizer,
         )
         loss.backward()
         for name, value in metrics.items():

@@ -90,6 +90,7 @@ def _whole_batch_reference(hf, batch: RLBatch, config: PolicyLossConfig):
         rollout_log_probs=torch.cat(list(batch.rollout_log_probs)),
         sample_ids=torch.cat([torch.full((r,), i) for i, r in enumerate(RESPONSES)]),
         sample_loss_token_counts=torch.tensor(counts, dtype=torch.float32),
+        metrics_normalizer=float(sum(counts)),
     )
     loss.backward()
     grads = split_fused_experts({n: p.grad for n, p in model.named_parameters() if p.grad is not None})

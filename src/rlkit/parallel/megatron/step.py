@@ -216,6 +216,7 @@ def micro_batch_loss(
     vocab_size: int,
     temperature: float = 1.0,
     tp_group: Any = None,
+    metrics_normalizer: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """This micro-batch's share of the global RL loss.
 
@@ -230,6 +231,7 @@ def micro_batch_loss(
         loss_config: ``rl_loss`` hyper-parameters.
         normalizer: global normalizer of the step (``PackPlan.normalizer``).
         sample_loss_token_counts: ``[N]`` loss tokens of every sample of the global batch.
+        metrics_normalizer: the global loss-token count (``rl_loss``'s, needed by ``seq_mean_token_sum_norm``).
         vocab_size: the real vocabulary size ``V``.
         temperature: sampling temperature of the rollout.
         tp_group: tensor-parallel group of vocab-parallel logits, else ``None``.
@@ -259,6 +261,7 @@ def micro_batch_loss(
         rollout_log_probs=_value_on(micro, "rollout_log_probs", device),
         sample_ids=host_to_device(sample_ids, device),
         sample_loss_token_counts=host_to_device(sample_loss_token_counts, device),
+        metrics_normalizer=metrics_normalizer,
     )
 
 
@@ -600,6 +603,7 @@ def train_step(
     loss_fn_kwargs = dict(
         loss_config=loss_config,
         normalizer=normalizer,
+        metrics_normalizer=plan.normalizer("token_mean"),
         sample_loss_token_counts=torch.tensor(counts, dtype=torch.float32),
         vocab_size=vocab_size,
         temperature=temperature,
