@@ -1,9 +1,10 @@
 """The compiled-sublayer route under tensor parallelism (2 gloo ranks), with and without sequence parallelism.
 
 Each rank runs the sublayers' cores on its heads / MLP columns between megatron's TP mappings (all-gather
-and reduce-scatter under SP, identity and all-reduce without). Reference: the same layers run module by
-module through megatron's ``TransformerLayer`` (``compiled_sublayers=False``), whose TP2 and TP2+SP steps
-equal HF transformers' single-process step (test_megatron_mp_step.py). float32: a few ulps.
+and reduce-scatter under SP, identity and all-reduce without). Under SP the route needs full recompute (its
+core keeps the gathered input), so SP without recompute must fall back. Reference: the same layers run
+module by module through megatron's ``TransformerLayer`` (``compiled_sublayers=False``), whose TP2 and
+TP2+SP steps equal HF transformers' single-process step (test_megatron_mp_step.py). float32: a few ulps.
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ WORLD = 2
 VOCAB = 200
 LENGTHS = [9, 17, 5, 23, 12]
 RESPONSES = [4, 10, 2, 15, 6]
+
+
+FULL_RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+# case -> (sequence parallel, recompute, core calls per layer and micro-batch: 2 = the recompute's no-grad
+# forward and its re-forward; 0 = the route refused: under SP it needs full recompute, see fused_layer)
+CASES = {
+    "tp2": (False, {}, 1),
+    "tp2_sp_full_recompute": (True, FULL_RECOMPUTE, 2),
+    "tp2_sp_without_recompute": (True, {}, 0),
+}
 
 
 def _batch() -> RLBatch:
@@ -54,13 +65,18 @@ def _worker(rank: int, results) -> None:
 
         return wrapper
 
-    for sequence_parallel in (False, True):
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    # megatron's recompute saves the CUDA RNG state; there is none on the CPU.
+    megatron_random._get_cuda_rng_state = lambda *args, **kwargs: None
+    megatron_random._set_cuda_rng_state = lambda *args, **kwargs: None
+    for case, (sequence_parallel, recompute, _) in CASES.items():
         megatron_model.init_model_parallel(tensor_model_parallel_size=2)
         hf = build_tiny_qwen3(seed=3, vocab_size=VOCAB)
         for compiled in (True, False):
             model = megatron_model.build_gpt_model(
                 hf.config, hf_state_dict=hf.state_dict(), sequence_parallel=sequence_parallel,
-                compiled_sublayers=compiled,
+                compiled_sublayers=compiled, **recompute,
             )  # fmt: skip
             calls.update(attention_core=0, mlp_core=0)
             with (
@@ -72,7 +88,7 @@ def _worker(rank: int, results) -> None:
                     loss_config=PolicyLossConfig(), forward=megatron_forward(model), vocab_size=VOCAB,
                     max_grad_norm=None,
                 )  # fmt: skip
-            results[(sequence_parallel, compiled, rank)] = dict(
+            results[(case, compiled, rank)] = dict(
                 loss=step.loss,
                 grad_norm=step.grad_norm,
                 calls=dict(calls),
@@ -88,12 +104,13 @@ def results():
     return run_on_gloo_ranks(_worker, WORLD)
 
 
-@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])
-def test_tensor_parallel_route_equals_the_module_path(results, sequence_parallel):
+@pytest.mark.parametrize("case", list(CASES))
+def test_tensor_parallel_route_equals_the_module_path(results, case):
+    calls_per_layer = CASES[case][2]
     for rank in range(WORLD):
-        got, want = results[(sequence_parallel, True, rank)], results[(sequence_parallel, False, rank)]
-        runs = got["micro_batches"] * got["layers"]
-        assert got["calls"] == {"attention_core": runs, "mlp_core": runs}  # the route was taken
+        got, want = results[(case, True, rank)], results[(case, False, rank)]
+        runs = got["micro_batches"] * got["layers"] * calls_per_layer
+        assert got["calls"] == {"attention_core": runs, "mlp_core": runs}  # the route was taken, or not
         assert want["calls"] == {"attention_core": 0, "mlp_core": 0}
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)

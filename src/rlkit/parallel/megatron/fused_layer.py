@@ -23,7 +23,8 @@ functions eagerly and a test compares them with the module path and HF transform
 
 :class:`FusedTransformerLayer` (``fused_transformer_layer_class()``) is megatron-core's
 ``TransformerLayer`` that takes this path when it applies: THD-packed input (the MLP also padded), one
-context-parallel rank, no dropout, biases, selective recompute, offloading, forward hooks on the bypassed
+context-parallel rank, under SP only with full uniform recompute (the core keeps the gathered input of its first
+matmul), no dropout, biases, selective recompute, offloading, forward hooks on the bypassed
 modules or inference context, and the fused spec's modules (the full list: ``_static_routes``). Anything
 else, and MoE MLPs, runs the parent's code. Full-layer recompute (``recompute_granularity="full"``) wraps
 whole layers and works unchanged.
@@ -395,6 +396,13 @@ def fused_transformer_layer_class():
                              attention.k_layernorm, attention.core_attention, attention.linear_proj)  # fmt: skip
         common = (
             layer.pg_collection.cp.size() == 1
+            # Under SP the compiled core keeps the all-gathered [T, D] input of W_qkv / W_1 for the weight
+            # gradient, where megatron's linear keeps this rank's [T/tp, D] and gathers again in the backward:
+            # only layers recomputed whole hold it for no longer than their own backward.
+            and (
+                not config.sequence_parallel
+                or (config.recompute_granularity == "full" and config.recompute_method == "uniform")
+            )
             and layer.hidden_dropout == 0.0
             and not (config.fp8 or getattr(config, "fp4", None))
             and not getattr(config, "inference_fuse_tp_communication", False)
