@@ -187,8 +187,9 @@ def main() -> None:
     world = torch.distributed.get_world_size()
     if world != args.tp:
         raise SystemExit(f"--tp {args.tp} with {world} ranks: this benchmark runs one TP group (launch --tp ranks)")
-    if args.tp > 1 and "hf_padded" in args.paths:
-        raise SystemExit("hf_padded runs on one GPU: drop it from --paths with --tp > 1")
+    one_gpu_only = {"hf_padded", "megatron_padded", "megatron_thd_stock"}  # HF, padded rows, stock norms (no SP)
+    if args.tp > 1 and one_gpu_only & set(args.paths):
+        raise SystemExit(f"{sorted(one_gpu_only & set(args.paths))} run without TP here: drop them from --paths")
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     # MFU per GPU: every TP rank shares the step's model FLOPs. CPU MFU is not meaningful (nominal peak).
     peak = (peak_bf16_flops(device) if args.device == "cuda" else 1e12) * world

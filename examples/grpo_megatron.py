@@ -585,7 +585,8 @@ def main(args: argparse.Namespace) -> None:
     packer = recipe.build_packer(args, dp_size=world.dp_size, cp_size=world.cp_size)
     loss_config = recipe.build_loss_config(args)
     reference = None
-    if loss_config.use_kl_loss:  # as slime: a reference only when the KL term can matter (it costs a model's memory)
+    # Only for a non-zero coefficient (a model's memory per rank); slime builds it whenever --use-kl-loss is set.
+    if loss_config.use_kl_loss:
         reference = megatron_reference(args, world, hf_policy)
         say(f"[rlkit] reference model for the KL loss: {args.ref_load or 'the initial weights'}")
     elif args.ref_load:

@@ -143,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eps-clip-c", type=float, default=None)
     a("--use-tis", action="store_true")
     a("--tis-clip", type=float, default=2.0)
+    a("--tis-clip-low", type=float, default=0.0)
     a("--calculate-per-token-loss", action="store_true", help="token_mean over the global batch (else sample_mean)")
     a("--loss-aggregation", choices=["token_mean", "sample_mean", "seq_mean_token_sum_norm"], default=None)
     a = p.add_argument_group("OPTIMIZER").add_argument
@@ -536,6 +537,7 @@ def build_loss_config(args) -> PolicyLossConfig:
         entropy_coef=args.entropy_coef,
         use_tis=args.use_tis,
         tis_clip=args.tis_clip,
+        tis_clip_low=args.tis_clip_low,
         aggregation=args.loss_aggregation,
     )
 
@@ -700,7 +702,8 @@ def main(argv: list[str] | None = None) -> None:
         warm_start_if_needed(args, policy, dataset, tokenizer, score, stops)
     loss_config = build_loss_config(args)
     reference = None
-    if loss_config.use_kl_loss:  # slime loads a reference only when the KL term can matter
+    # Only for a non-zero coefficient; slime builds it (and logs kl_loss) whenever --use-kl-loss is set.
+    if loss_config.use_kl_loss:
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
     engine = build_engine(args, policy, tokenizer, output_dir)
     where = f"its own process (pid {engine.process.pid})" if isinstance(engine, ProcessEngine) else "this process"

@@ -404,7 +404,7 @@ def compute_log_probs(
     """Log-probs of every response token without gradients: the old-policy and reference-model passes.
 
     Args:
-        forward: ``micro -> logits`` of the policy or the reference model (:func:`megatron_forward`, ...).
+        forward: ``micro -> logits`` of the policy or the reference model (``forward.megatron_forward``, ...).
         tokens: ``N`` int ``[L_i]`` prompt + response ids (the whole batch, the same on every rank).
         response_lengths: ``N`` ints ``R_i``.
         packer: micro-batch planner with megatron's DP and CP sizes.
@@ -564,7 +564,8 @@ def train_step(
             ``loss_config.use_tis`` ``rollout_log_probs``.
         packer: micro-batch planner; its ``dp_size`` and ``cp_size`` must equal megatron's.
         loss_config: ``rl_loss`` hyper-parameters; ``loss_config.aggregation`` picks the normalizer.
-        forward: ``micro -> logits``, e.g. :func:`megatron_forward` or :func:`hf_forward`.
+        forward: ``micro -> logits``, e.g. :func:`~rlkit.parallel.megatron.forward.megatron_forward` or
+            :func:`~rlkit.parallel.megatron.forward.hf_forward`.
         vocab_size: the real vocabulary size (logit columns beyond it are megatron's padding).
         layout: ``"thd"`` packed or ``"bshd"`` padded micro-batches (one process only).
         max_grad_norm: clip the global gradient norm to this (``None``: no clipping).

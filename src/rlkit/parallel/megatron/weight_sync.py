@@ -173,7 +173,7 @@ def _check_groups(layout: Layout, groups: SyncGroups) -> None:
         if _size(group) != expected:
             raise ValueError(
                 f"the {name} group has {_size(group)} ranks but layout.{name}={expected}; pass the groups the model "
-                "was built with (megatron_layout_and_groups() reads both from megatron-core)"
+                "was built with (megatron_layout_and_groups(model.config) reads both from megatron-core and the model)"
             )
 
 
@@ -498,7 +498,7 @@ def sync_decoupled(
     if as_layout(layout or Layout()).pp > 1 and (groups is None or groups.pp is None):
         raise ValueError(
             "sync_decoupled with pp>1 needs groups.pp (the pipeline group) so that the sender gathers every stage; "
-            "megatron_layout_and_groups() sets it"
+            "megatron_layout_and_groups(model.config) sets it"
         )
     if engine is not None and not hasattr(engine, "update_weights_by_broadcast"):
         raise TypeError(f"{type(engine).__name__} has no update_weights_by_broadcast; pass a ProcessEngine")
