@@ -124,15 +124,18 @@ def test_two_processes_equal_the_hf_backend(tmp_path, hf_backend, flags, grid, e
 
 # slime's seed loss terms with a non-zero coefficient: the KL to the reference (low_var_kl), TIS against the engine's
 # log-probs, and Dr.GRPO's constant normalizer. The first of the two steps per rollout runs at the reference
-# (KL = 0), the second one step away from it, so the rollout's kl_loss is a number that can disagree.
-KL_TIS = ["--use-kl-loss", "--kl-loss-coef", "0.5", "--kl-loss-type", "low_var_kl", "--use-tis",
-          "--loss-aggregation", "seq_mean_token_sum_norm"]  # fmt: skip
+# (KL = 0), the second one step away from it, so the rollout's kl_loss is a number that can disagree. --async
+# (with the engine in its own process) generates rollout 1 with the weights before rollout 0's update: its TIS
+# weights are not all 1, so feeding the old log-probs in place of the engine's would show.
+LOSS_TERMS = ["--use-kl-loss", "--kl-loss-coef", "0.5", "--kl-loss-type", "low_var_kl", "--use-tis",
+              "--loss-aggregation", "seq_mean_token_sum_norm"]  # fmt: skip
+KL_TIS = [*LOSS_TERMS, "--async"]
 
 
 @pytest.fixture(scope="module")
 def hf_backend_kl_tis(tmp_path_factory) -> dict[int, dict]:
     tmp = tmp_path_factory.mktemp("hf_kl_tis")
-    _run(tmp, ["--colocate", *KL_TIS])
+    _run(tmp, KL_TIS)
     return _records(tmp)
 
 
@@ -140,14 +143,15 @@ def _assert_kl_tis_steps(got: dict[int, dict], want: dict[int, dict]) -> None:
     _assert_same_steps(got, want)
     for rollout_id in want:
         rel = 1e-5 if rollout_id == 0 else 1e-4
-        for key in ("kl_loss", "tis", "tis_clipfrac"):
+        for key in ("kl_loss", "tis", "tis_abs", "tis_clipfrac"):
             a, b = got[rollout_id][key], want[rollout_id][key]
             assert a == pytest.approx(b, rel=rel, abs=1e-8), (rollout_id, key, a, b)
     assert want[0]["kl_loss"] > 1e-5 and want[0]["tis"] > 0  # the terms are on, and the KL is not 0
+    assert want[1]["tis_abs"] > 1e-3  # one step off-policy: the engine's log-probs differ from the trainer's
 
 
 def test_kl_tis_seq_norm_one_process_equals_the_hf_backend(tmp_path, hf_backend_kl_tis):
-    proc = _run(tmp_path, ["--backend", "megatron", "--colocate", *KL_TIS])
+    proc = _run(tmp_path, ["--backend", "megatron", *KL_TIS])
     assert "reference model for the KL loss: the initial weights" in proc.stdout
     _assert_kl_tis_steps(_records(tmp_path), hf_backend_kl_tis)
 
@@ -155,7 +159,7 @@ def test_kl_tis_seq_norm_one_process_equals_the_hf_backend(tmp_path, hf_backend_
 @pytest.mark.slow
 def test_kl_tis_seq_norm_tensor_parallel_equals_the_hf_backend(tmp_path, hf_backend_kl_tis):
     # the reference model is sharded like the policy: its log-probs are vocab-parallel over TP
-    flags = ["--backend", "megatron", "--colocate", "--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    flags = ["--backend", "megatron", "--tensor-model-parallel-size", "2", "--sequence-parallel"]
     proc = _run(tmp_path, [*flags, *KL_TIS], nproc=2)
     assert "DP1 x TP2" in proc.stdout
     _assert_kl_tis_steps(_records(tmp_path), hf_backend_kl_tis)
@@ -187,7 +191,7 @@ def test_kl_reference_from_ref_load(tmp_path):
     other = _tiny_qwen3_checkpoint(tmp_path / "other", seed=1)
     data = ROOT / "src" / "rlkit" / "data" / "arith_train.jsonl"
     user = ["--hf-checkpoint", str(policy), "--prompt-data", str(data), "--apply-chat-template", "--lr", "1e-3",
-            "--backend", "megatron", "--colocate", "--num-rollout", "1", *KL_TIS]  # fmt: skip
+            "--backend", "megatron", "--colocate", "--num-rollout", "1", *LOSS_TERMS]  # fmt: skip
     records = {}
     for name, ref_load in [("initial", []), ("same", ["--ref-load", export(policy, tmp_path / "same_dcp")]),
                            ("other", ["--ref-load", export(other, tmp_path / "other_dcp")])]:  # fmt: skip
