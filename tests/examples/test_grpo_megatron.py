@@ -145,7 +145,8 @@ def _assert_kl_tis_steps(got: dict[int, dict], want: dict[int, dict]) -> None:
         rel = 1e-5 if rollout_id == 0 else 1e-4
         for key in ("kl_loss", "tis", "tis_abs", "tis_clipfrac"):
             a, b = got[rollout_id][key], want[rollout_id][key]
-            assert a == pytest.approx(b, rel=rel, abs=1e-8), (rollout_id, key, a, b)
+            # On-policy (rollout 0) tis_abs = |w - 1| is float32 round-off of two log-prob passes, ~1e-7.
+            assert a == pytest.approx(b, rel=rel, abs=1e-6 if key == "tis_abs" else 1e-8), (rollout_id, key, a, b)
     assert want[0]["kl_loss"] > 1e-5 and want[0]["tis"] > 0  # the terms are on, and the KL is not 0
     assert want[1]["tis_abs"] > 1e-3  # one step off-policy: the engine's log-probs differ from the trainer's
 
