@@ -1,0 +1,162 @@
+"""Routed experts as two grouped GEMMs (``torch._grouped_mm``) instead of megatron-core's per-expert loop.
+
+EXPERIMENTAL: exact against the loop on the CPU (tests), not yet measured on a GPU; stable code does not use it.
+
+The technique
+-------------
+megatron-core's local spec runs a MoE layer's routed experts with ``SequentialMLP``: it reads the tokens per
+expert back to the host (``tokens_per_expert.tolist()``, a GPU synchronisation per layer) and launches three
+GEMMs per local expert on its slice of the permuted tokens. With 8-16 experts per GPU (the MoE seeds) that
+is 24-48 small GEMMs per layer. A grouped GEMM does each projection of all experts in one kernel
+(``out[rows of e] = x[rows of e] @ W_e^T``), with the group boundaries read on the device.
+
+Hopper's grouped GEMM loads through TMA, which needs every group's start row 16-byte aligned (8 rows in
+bf16) for the weight gradient, where the token dimension is contracted group by group. The permuted tokens
+are therefore copied into a buffer whose groups are padded to multiples of ``align`` rows with zeros (torchtitan
+pads the same way); the buffer's size is a host-side bound, ``T + (align - 1) E`` rounded up, so no count is
+read back, and the last group runs to its end (zero rows, zero output, zero gradient).
+
+Shape legend: ``T`` routed token copies on this rank, ``H`` hidden size, ``F`` expert MLP width, ``E`` local
+experts, ``R`` padded rows.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rlkit._optional import require
+
+
+def swiglu_experts_reference(
+    x: Tensor, tokens_per_expert: list[int], probs: Tensor, fc1_weight: Tensor, fc2_weight: Tensor
+) -> Tensor:
+    """Each expert's SwiGLU MLP on its contiguous slice of tokens, scaled by the routing probability.
+
+    ``out[t] = (silu(x_t W1g_e^T) * (x_t W1u_e^T) * p_t) W2_e^T`` for the expert ``e`` owning row ``t``,
+    in megatron-core's ``MLP`` order (activation in the input dtype, the probability applied after it and
+    rounded back to that dtype).
+
+    Args:
+        x: ``[T, H]`` tokens sorted by expert.
+        tokens_per_expert: ``E`` counts summing to ``T``.
+        probs: ``[T]`` routing weights.
+        fc1_weight: ``[E, 2F, H]``, gate rows first.
+        fc2_weight: ``[E, H, F]``.
+
+    Returns:
+        ``[T, H]``, dtype of ``x``.
+    """
+    outs = []
+    for e, (rows, p) in enumerate(zip(x.split(tokens_per_expert), probs.split(tokens_per_expert), strict=True)):
+        gate, up = F.linear(rows, fc1_weight[e]).chunk(2, dim=-1)
+        act = F.silu(gate) * up
+        act = (act * p.unsqueeze(-1)).to(act.dtype)
+        outs.append(F.linear(act, fc2_weight[e]))
+    return torch.cat(outs) if outs else x.new_zeros(x.shape)
+
+
+class _GroupedLinear(torch.autograd.Function):
+    """``y[rows of e] = x[rows of e] @ W_e^T`` for groups ending at ``offs``; gradients as grouped GEMMs too."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight, offs)
+        return torch._grouped_mm(x, weight.transpose(-2, -1), offs=offs)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, offs = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = torch._grouped_mm(grad, weight, offs=offs)  # [R, N] x [E, N, K] -> [R, K]
+        grad_weight = torch._grouped_mm(grad.t(), x, offs=offs)  # [N, R] x [R, K] per group -> [E, N, K]
+        return grad_x, grad_weight, None
+
+
+def grouped_swiglu_experts(
+    x: Tensor, tokens_per_expert: Tensor, probs: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, *, align: int = 8
+) -> Tensor:
+    """:func:`swiglu_experts_reference` as two grouped GEMMs on a group-padded copy of the tokens.
+
+    Args:
+        x, probs, fc1_weight, fc2_weight: as for the reference.
+        tokens_per_expert: ``[E]`` int counts (any device; never read on the host).
+        align: rows each group is padded to (8: 16 bytes of bf16).
+
+    Returns:
+        ``[T, H]``, dtype of ``x``.
+    """
+    num_tokens, num_experts = x.shape[0], fc1_weight.shape[0]
+    device = x.device
+    counts = tokens_per_expert.to(device=device, dtype=torch.long)
+    padded = (counts + align - 1) // align * align
+    padded_starts = torch.cumsum(padded, 0) - padded
+    starts = torch.cumsum(counts, 0) - counts
+    expert_of = torch.repeat_interleave(torch.arange(num_experts, device=device), counts, output_size=num_tokens)
+    dest = torch.arange(num_tokens, device=device) - starts[expert_of] + padded_starts[expert_of]
+    rows = -(-(num_tokens + (align - 1) * num_experts) // align) * align
+    # Group ends; the last group runs to the buffer's end, so every row belongs to a group.
+    offs = torch.cat([torch.cumsum(padded, 0)[:-1], torch.tensor([rows], device=device)]).to(torch.int32)
+    x_rows = x.new_zeros(rows, x.shape[1]).index_copy(0, dest, x)
+    p_rows = probs.new_zeros(rows).index_copy(0, dest, probs)
+    gate, up = _GroupedLinear.apply(x_rows, fc1_weight, offs).chunk(2, dim=-1)
+    act = F.silu(gate) * up
+    act = (act * p_rows.unsqueeze(-1)).to(act.dtype)
+    return _GroupedLinear.apply(act, fc2_weight, offs).index_select(0, dest)
+
+
+@functools.cache
+def grouped_sequential_mlp_class():
+    """megatron-core's ``SequentialMLP`` computing with :func:`grouped_swiglu_experts` (lazy: needs megatron)."""
+    experts = require("megatron.core.transformer.moe.experts", purpose="grouped experts")
+
+    class GroupedSequentialMLP(experts.SequentialMLP):
+        """``SequentialMLP`` (same experts, parameters and names) whose forward is two grouped GEMMs.
+
+        Falls back to the parent's loop for what it does not cover: expert tensor parallelism, biases,
+        activations other than SwiGLU, probabilities applied on the input, FP8, float64, widths not a
+        multiple of 8.
+        """
+
+        def forward(self, permuted_local_hidden_states: Tensor, tokens_per_expert: Tensor, permuted_probs: Tensor):
+            """As ``SequentialMLP.forward``: ``([T, H], None)``."""
+            if not self._grouped_ok(permuted_local_hidden_states):
+                return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+            fc1 = torch.stack([expert.linear_fc1.weight for expert in self.local_experts])
+            fc2 = torch.stack([expert.linear_fc2.weight for expert in self.local_experts])
+            if not torch.is_tensor(tokens_per_expert):
+                tokens_per_expert = torch.tensor(tokens_per_expert)
+            out = grouped_swiglu_experts(permuted_local_hidden_states, tokens_per_expert, permuted_probs, fc1, fc2)
+            return out, None
+
+        def _grouped_ok(self, x: Tensor) -> bool:
+            config, first = self.config, self.local_experts[0]
+            return (
+                hasattr(torch, "_grouped_mm")
+                and x.dtype in (torch.float32, torch.bfloat16, torch.float16)  # _grouped_mm's dtypes
+                and self.num_local_experts > 1
+                and self.tp_group.size() == 1
+                and not (config.fp8 or getattr(config, "fp4", None))
+                and not config.moe_apply_probs_on_input
+                and config.gated_linear_unit
+                and first.activation_func is F.silu
+                and config.activation_func_clamp_value is None
+                and config.glu_linear_offset == 0
+                and getattr(first.linear_fc1, "bias", None) is None
+                and getattr(first.linear_fc2, "bias", None) is None
+                and x.dim() == 2
+                and x.shape[1] % 8 == 0
+                and config.moe_ffn_hidden_size % 8 == 0
+            )
+
+    return GroupedSequentialMLP
+
+
+def with_grouped_experts(layer_spec):
+    """``layer_spec`` (a MoE layer's ``ModuleSpec``) with its routed experts as :func:`grouped_sequential_mlp_class`."""
+    experts = layer_spec.submodules.mlp.submodules.experts
+    experts.module = grouped_sequential_mlp_class()
+    return layer_spec

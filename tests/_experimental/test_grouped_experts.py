@@ -1,0 +1,99 @@
+"""Grouped-GEMM routed experts (experimental): the per-expert loop's values and gradients, and megatron's model."""
+
+from __future__ import annotations
+
+import functools
+from unittest import mock
+
+import pytest
+import torch
+
+from rlkit._experimental.grouped_experts import grouped_swiglu_experts, swiglu_experts_reference
+
+COUNTS = [5, 0, 16, 3, 1]  # an empty expert, an aligned one, and groups that need padding
+
+
+def _problem(dtype, *, hidden=16, width=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    experts, tokens = len(COUNTS), sum(COUNTS)
+    x = torch.randn(tokens, hidden, generator=g)
+    probs = torch.rand(tokens, generator=g)
+    fc1 = torch.randn(experts, 2 * width, hidden, generator=g) / 4
+    fc2 = torch.randn(experts, hidden, width, generator=g) / 4
+    return [t.to(dtype) for t in (x, fc1, fc2)], probs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_experts_equal_the_float64_loop(dtype):
+    (x, fc1, fc2), probs = _problem(dtype)
+    inputs = [t.clone().requires_grad_() for t in (x, probs, fc1, fc2)]
+    got = grouped_swiglu_experts(inputs[0], torch.tensor(COUNTS), inputs[1], inputs[2], inputs[3])
+    upstream = torch.randn(got.shape, generator=torch.Generator().manual_seed(1))
+    got_grads = torch.autograd.grad(got, inputs, upstream.to(dtype))
+    ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    want = swiglu_experts_reference(ref_inputs[0], COUNTS, ref_inputs[1], ref_inputs[2], ref_inputs[3])
+    want_grads = torch.autograd.grad(want, ref_inputs, upstream.double())
+    # float32: the same sums in another order; bf16: rounded inputs, bf16 GEMM outputs and activation (~1e-2).
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(got.double(), want, **tol)
+    for name, g_got, g_want in zip(("x", "probs", "fc1", "fc2"), got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g_got.double(), g_want, **tol, msg=name)
+    assert float(got_grads[2][1].abs().max()) == 0.0  # the empty expert's weights get no gradient
+
+
+def test_qwen3_moe_with_grouped_experts_equals_the_loop_and_hf():
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install 'rlkit[megatron]')")
+    from rlkit._experimental import grouped_experts
+    from rlkit.models.tiny import build_tiny_qwen3_moe
+    from rlkit.parallel.layouts import pack_thd
+    from rlkit.parallel.megatron import model as megatron_model
+    from rlkit.parallel.megatron.forward import megatron_forward
+    from rlkit.parallel.megatron.spec import gpt_layer_spec
+
+    megatron_model.init_model_parallel()
+    try:
+        hf = build_tiny_qwen3_moe(seed=3)
+        loop = megatron_model.build_gpt_model(hf.config, hf_state_dict=hf.state_dict())
+
+        def grouped_spec(**kwargs):
+            return grouped_experts.with_grouped_experts(gpt_layer_spec(**kwargs))
+
+        with mock.patch.object(megatron_model, "gpt_layer_spec", grouped_spec):
+            grouped = megatron_model.build_gpt_model(hf.config, hf_state_dict=hf.state_dict())
+        assert type(grouped.decoder.layers[0].mlp.experts).__name__ == "GroupedSequentialMLP"
+        samples = [torch.randint(1, 128, (n,)) for n in (11, 4, 17)]
+        micro = pack_thd(samples, [1, 1, 1])
+        upstream = torch.randn(micro.input_ids.shape[0], 128)
+        calls = []
+        counted = functools.partial(_counted, calls, grouped_experts.grouped_swiglu_experts)
+        results = {}
+        for name, model in (("loop", loop), ("grouped", grouped)):
+            with mock.patch.object(grouped_experts, "grouped_swiglu_experts", counted):
+                logits = megatron_forward(model)(micro)
+            (logits.float()[:, :128] * upstream).sum().backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results[name] = (logits.detach(), grads)
+        assert len(calls) == len(grouped.decoder.layers)  # the grouped path ran, once per MoE layer
+        (want_logits, want_grads), (got_logits, got_grads) = results["loop"], results["grouped"]
+        torch.testing.assert_close(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+        assert got_grads.keys() == want_grads.keys()
+        for name, grad in want_grads.items():
+            # float32, the expert sums in another order: ~1e-7 of each gradient's own scale (up to ~50 here)
+            scale = float(grad.abs().max())
+            torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-6 * scale, msg=name)
+        with torch.no_grad():
+            per_sample = micro.unpack_tokens(got_logits.T)
+            for tokens, logits in zip(samples, per_sample, strict=True):
+                want = hf.eval()(input_ids=tokens[None]).logits[0]
+                torch.testing.assert_close(logits.T[:, : want.shape[-1]], want, rtol=1e-5, atol=2e-5)
+    finally:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _counted(calls, fn, *args, **kwargs):
+    calls.append(1)
+    return fn(*args, **kwargs)
