@@ -29,12 +29,14 @@ RESPONSES = [4, 10, 2, 15, 6]
 
 
 FULL_RECOMPUTE = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-# case -> (sequence parallel, recompute, core calls per layer and micro-batch: 2 = the recompute's no-grad
-# forward and its re-forward; 0 = the route refused: under SP it needs full recompute, see fused_layer)
+# case -> (sequence parallel, recompute, MoE, (attention, MLP) core calls per layer and micro-batch): 2 = the
+# recompute's no-grad forward and its re-forward; 0 = no route: under SP it needs full recompute (see
+# fused_layer), and a MoE layer's MLP is megatron's.
 CASES = {
-    "tp2": (False, {}, 1),
-    "tp2_sp_full_recompute": (True, FULL_RECOMPUTE, 2),
-    "tp2_sp_without_recompute": (True, {}, 0),
+    "tp2": (False, {}, False, (1, 1)),
+    "tp2_sp_full_recompute": (True, FULL_RECOMPUTE, False, (2, 2)),
+    "tp2_sp_without_recompute": (True, {}, False, (0, 0)),
+    "tp2_sp_moe_full_recompute": (True, FULL_RECOMPUTE, True, (2, 0)),
 }
 
 
@@ -49,7 +51,7 @@ def _batch() -> RLBatch:
 def _worker(rank: int, results) -> None:
     from megatron.core import parallel_state as ps
 
-    from rlkit.models.tiny import build_tiny_qwen3
+    from rlkit.models.tiny import build_tiny_qwen3, build_tiny_qwen3_moe
     from rlkit.parallel.megatron import fused_layer
     from rlkit.parallel.megatron import model as megatron_model
     from rlkit.parallel.megatron.forward import megatron_forward
@@ -70,9 +72,9 @@ def _worker(rank: int, results) -> None:
     # megatron's recompute saves the CUDA RNG state; there is none on the CPU.
     megatron_random._get_cuda_rng_state = lambda *args, **kwargs: None
     megatron_random._set_cuda_rng_state = lambda *args, **kwargs: None
-    for case, (sequence_parallel, recompute, _) in CASES.items():
+    for case, (sequence_parallel, recompute, moe, _) in CASES.items():
         megatron_model.init_model_parallel(tensor_model_parallel_size=2)
-        hf = build_tiny_qwen3(seed=3, vocab_size=VOCAB)
+        hf = build_tiny_qwen3_moe(seed=5, vocab_size=VOCAB) if moe else build_tiny_qwen3(seed=3, vocab_size=VOCAB)
         for compiled in (True, False):
             model = megatron_model.build_gpt_model(
                 hf.config, hf_state_dict=hf.state_dict(), sequence_parallel=sequence_parallel,
@@ -106,11 +108,12 @@ def results():
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_tensor_parallel_route_equals_the_module_path(results, case):
-    calls_per_layer = CASES[case][2]
+    attention_calls, mlp_calls = CASES[case][3]
     for rank in range(WORLD):
         got, want = results[(case, True, rank)], results[(case, False, rank)]
-        runs = got["micro_batches"] * got["layers"] * calls_per_layer
-        assert got["calls"] == {"attention_core": runs, "mlp_core": runs}  # the route was taken, or not
+        runs = got["micro_batches"] * got["layers"]
+        # the route was taken, or not
+        assert got["calls"] == {"attention_core": runs * attention_calls, "mlp_core": runs * mlp_calls}
         assert want["calls"] == {"attention_core": 0, "mlp_core": 0}
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
         assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
