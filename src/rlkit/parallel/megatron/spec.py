@@ -144,8 +144,9 @@ def rotary_self_attention_class():
         THD, the first ``S`` rows for padded input) and hides ``rotary_pos_emb`` from the parent. The
         rotation then happens right after the QK norms, which is where the parent applies it: inside
         the norms' kernel when both are :class:`FusedRMSNorm`, else in ``get_query_key_value_tensors``.
-        Cases it does not cover (context or sequence parallelism, interleaved or scaled RoPE, inference,
-        padded ``cu_seqlens``, layers without RoPE) run the parent's path unchanged.
+        Cases it does not cover (context parallelism, interleaved or scaled RoPE, inference, padded
+        ``cu_seqlens``, layers without RoPE) run the parent's path unchanged. Under sequence parallelism the
+        angles cover the whole micro-batch (the queries come after ``linear_qkv``'s all-gather).
         """
 
         _rotary_angles: Tensor | None = None
@@ -192,16 +193,17 @@ def rotary_self_attention_class():
                 or (config.no_rope_freq and config.no_rope_freq[self.layer_number - 1])
                 or attention._yarn_get_concentration_factor_from_config(config) != 1.0
                 or self.pg_collection.cp.size() != 1
-                # Under SP hidden_states hold this rank's slice of the tokens, not the query's T.
-                or config.sequence_parallel
             ):
                 return None
+            # Under SP hidden_states hold this rank's 1/tp of the tokens; the queries (after linear_qkv's
+            # all-gather) hold all of them.
+            num_tokens = hidden_states.shape[0] * (self.pg_collection.tp.size() if config.sequence_parallel else 1)
             if packed is None:
                 # Padded [S, B, H]: position s of every row is s.
-                return freqs[: hidden_states.shape[0]].float()
+                return freqs[:num_tokens].float()
             if packed.qkv_format != "thd" or packed.cu_seqlens_q_padded is not None:
                 return None
-            positions = packed_positions(packed.cu_seqlens_q, hidden_states.shape[0])
+            positions = packed_positions(packed.cu_seqlens_q, num_tokens)
             return freqs[positions].float()
 
     return RotarySelfAttention
