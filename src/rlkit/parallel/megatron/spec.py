@@ -23,6 +23,7 @@ from torch import Tensor
 
 from rlkit._optional import require
 from rlkit.parallel.megatron.attention import packed_core_attention_class
+from rlkit.parallel.megatron.context_parallel import cp_local_positions
 from rlkit.parallel.megatron.fused import apply_rotary, packed_positions, rms_norm, rms_norm_rotary, swiglu
 from rlkit.parallel.megatron.fused_layer import fused_transformer_layer_class
 
@@ -144,9 +145,11 @@ def rotary_self_attention_class():
         THD, the first ``S`` rows for padded input) and hides ``rotary_pos_emb`` from the parent. The
         rotation then happens right after the QK norms, which is where the parent applies it: inside
         the norms' kernel when both are :class:`FusedRMSNorm`, else in ``get_query_key_value_tensors``.
-        Cases it does not cover (context parallelism, interleaved or scaled RoPE, inference, padded
-        ``cu_seqlens``, layers without RoPE) run the parent's path unchanged. Under sequence parallelism the
-        angles cover the whole micro-batch (the queries come after ``linear_qkv``'s all-gather).
+        Cases it does not cover (interleaved or scaled RoPE, inference, padded ``cu_seqlens``, padded rows
+        under context parallelism, layers without RoPE) run the parent's path unchanged. Under sequence
+        parallelism the angles cover the whole micro-batch (the queries come after ``linear_qkv``'s
+        all-gather); under context parallelism this rank's tokens
+        (:func:`rlkit.parallel.megatron.context_parallel.cp_local_positions`).
         """
 
         _rotary_angles: Tensor | None = None
@@ -192,18 +195,23 @@ def rotary_self_attention_class():
                 or config.multi_latent_attention
                 or (config.no_rope_freq and config.no_rope_freq[self.layer_number - 1])
                 or attention._yarn_get_concentration_factor_from_config(config) != 1.0
-                or self.pg_collection.cp.size() != 1
             ):
                 return None
             # Under SP hidden_states hold this rank's 1/tp of the tokens; the queries (after linear_qkv's
             # all-gather) hold all of them.
             num_tokens = hidden_states.shape[0] * (self.pg_collection.tp.size() if config.sequence_parallel else 1)
+            cp = self.pg_collection.cp
             if packed is None:
-                # Padded [S, B, H]: position s of every row is s.
-                return freqs[:num_tokens].float()
+                # Padded [S, B, H]: position s of every row is s (under CP megatron's path splits the rows).
+                return freqs[:num_tokens].float() if cp.size() == 1 else None
             if packed.qkv_format != "thd" or packed.cu_seqlens_q_padded is not None:
                 return None
-            positions = packed_positions(packed.cu_seqlens_q, num_tokens)
+            if cp.size() == 1:
+                positions = packed_positions(packed.cu_seqlens_q, num_tokens)
+            else:  # this rank's chunks i and 2cp-1-i of every sequence, from the full cu_seqlens
+                positions = cp_local_positions(
+                    packed.cu_seqlens_q, cp_size=cp.size(), cp_rank=cp.rank(), num_local_tokens=num_tokens
+                )
             return freqs[positions].float()
 
     return RotarySelfAttention
