@@ -228,3 +228,15 @@ def test_vpp_in_flight_factor():
     inter = estimate_memory(ParallelPlan(pp=4, vpp=3, max_tokens_per_gpu=100), spec, 4)
     # stage 0: 4 micro-batches in flight, times 1 + (4-1)/(4*3) = 1.25 with interleaving.
     assert inter.stages[0].activations == pytest.approx(plain.stages[0].activations * 1.25, rel=1e-9)
+
+
+def test_kl_reference_model_adds_one_copy_of_each_stages_weights():
+    model, spec = _tiny_hf("qwen3")
+    n = sum(p.numel() for p in model.parameters())
+    plain = estimate_memory(ParallelPlan(pp=2), spec, 2)
+    with_ref = estimate_memory(ParallelPlan(pp=2), spec, 2, reference_model=True)
+    for a, b in zip(plain.stages, with_ref.stages, strict=True):
+        assert b.reference == a.weights and a.reference == 0  # bf16, sharded like the policy
+        assert b.total == a.total + a.weights
+    assert sum(s.reference for s in with_ref.stages) == 2 * n
+    assert " ref " in with_ref.table() and " ref " not in plain.table()

@@ -3,6 +3,8 @@
 Bytes-per-parameter assumptions (BF16 mixed precision, Adam), all overridable in :class:`Precision`:
 
 - weights: 2 B (bf16 model parameters, kept whole on every rank of a TP/EP shard);
+- reference: with a KL loss on the GPU, a frozen copy of the weights in the same layout (2 B; rlkit's recipes
+  keep it there; slime instead swaps the reference weights in from host memory for its log-prob pass);
 - gradients: 2 B, or 4 B with ``--accumulate-allreduce-grads-in-fp32`` (megatron's ``main_grad``
   buffer is full size even with the distributed optimizer, which reduce-scatters into it);
 - optimizer: fp32 master weight + ``exp_avg`` + ``exp_avg_sq`` = 12 B (less with the precision-aware
@@ -80,11 +82,12 @@ class StageMemory:
     activations_no_recompute: int
     logits: int
     host_optimizer: int
+    reference: int = 0
 
     @property
     def total(self) -> int:
-        """GPU bytes: weights + grads + optimizer + activations + logits."""
-        return self.weights + self.grads + self.optimizer + self.activations + self.logits
+        """GPU bytes: weights + reference + grads + optimizer + activations + logits."""
+        return self.weights + self.reference + self.grads + self.optimizer + self.activations + self.logits
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,13 +106,17 @@ class MemoryEstimate:
 
     def table(self, *, gpu_gib: float = 80.0) -> str:
         """A text table of every term per stage, against ``gpu_gib`` of GPU memory."""
+        with_reference = any(s.reference for s in self.stages)
         head = (
             f"{'stage':>5} {'weights':>8} {'grads':>8} {'optim':>8} {'act':>8} {'act(no rc)':>10} "
-            f"{'logits':>8} {'total':>8}  GiB (capacity {gpu_gib:.0f})"
+            f"{'logits':>8}"
+            + (f" {'ref':>8}" if with_reference else "")
+            + f" {'total':>8}  GiB (capacity {gpu_gib:.0f})"
         )
         rows = [head]
         for s in self.stages:
-            terms = (s.weights, s.grads, s.optimizer, s.activations, s.activations_no_recompute, s.logits, s.total)
+            terms = [s.weights, s.grads, s.optimizer, s.activations, s.activations_no_recompute, s.logits]
+            terms += [s.reference, s.total] if with_reference else [s.total]
             rows.append(
                 f"{s.stage:>5} "
                 + " ".join(f"{t / GIB:>{10 if i == 4 else 8}.2f}" for i, t in enumerate(terms))
@@ -190,6 +197,7 @@ def estimate_memory(
     backend: Backend = "megatron",
     include_mtp: bool = False,
     precision: Precision | None = None,
+    reference_model: bool = False,
 ) -> MemoryEstimate:
     """Estimate GPU memory per pipeline stage and host memory per node for CPU Adam.
 
@@ -201,6 +209,8 @@ def estimate_memory(
         backend: which activation formula applies (``megatron`` or ``hf``).
         include_mtp: whether MTP modules are trained (placed on the last stage).
         precision: bytes-per-element assumptions.
+        reference_model: a frozen reference model of the KL loss in the same layout on the GPU (rlkit's
+            recipes build one for a non-zero ``--kl-loss-coef``).
 
     Returns:
         A :class:`MemoryEstimate`; every term is bytes per GPU.
@@ -250,6 +260,7 @@ def estimate_memory(
                 activations_no_recompute=int(full),
                 logits=logits,
                 host_optimizer=int(optimizer_params * host_bytes) if plan.optimizer_cpu_offload else 0,
+                reference=(dense + expert) * p.weight if reference_model else 0,
             )
         )
     assumptions = [

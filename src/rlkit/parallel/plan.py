@@ -438,8 +438,13 @@ def describe(
     gpu_gib: float = 80.0,
     gpus_per_node: int = 8,
     host_gib_per_node: float | None = None,
+    reference_model: bool = False,
 ) -> str:
-    """Human-readable report: layout, layer/expert map, memory table and suggestions."""
+    """Human-readable report: layout, layer/expert map, memory table and suggestions.
+
+    ``reference_model``: count a frozen KL reference model on the GPU
+    (see :func:`rlkit.parallel.memory.estimate_memory`).
+    """
     from rlkit.parallel.memory import estimate_memory, suggestions
 
     notes = plan.validate(model, world_size)
@@ -457,7 +462,7 @@ def describe(
             f"rank {plan.ep - 1}: {experts[-1].start}-{experts[-1].stop - 1})"
         )
     lines += [f"note: {n}" for n in notes]
-    estimate = estimate_memory(plan, model, world_size, gpus_per_node=gpus_per_node)
+    estimate = estimate_memory(plan, model, world_size, gpus_per_node=gpus_per_node, reference_model=reference_model)
     lines.append(estimate.table(gpu_gib=gpu_gib))
     lines += [
         f"suggestion: {s}" for s in suggestions(estimate, plan, gpu_gib=gpu_gib, host_gib_per_node=host_gib_per_node)
@@ -486,6 +491,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-gib", type=float, default=80.0, help="GPU capacity (H100 80 GB by default)")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--host-gib", type=float, default=None, help="host memory per node, to check CPU Adam")
+    p.add_argument("--kl-reference", action="store_true", help="a frozen KL reference model on the GPU too")
     return p
 
 
@@ -527,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
                 gpu_gib=args.gpu_gib,
                 gpus_per_node=args.gpus_per_node,
                 host_gib_per_node=args.host_gib,
+                reference_model=args.kl_reference,
             )
         )
     except ValueError as err:
