@@ -301,7 +301,13 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     :func:`rlkit.parallel.megatron.fused.rms_norm` compiles the same formula with first-call size marks,
     which suit the module path; here it follows the sublayers' policy (symbolic sizes, scoped settings).
     """
-    return _token_call(rms_norm_reference, x, (weight,), dict(eps=eps))
+    return _token_call(_norm_before_tensor_parallel, x, (weight,), dict(eps=eps))
+
+
+def _norm_before_tensor_parallel(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # A code object of its own: dynamo keeps compiled graphs per code object, and fused.rms_norm compiles
+    # rms_norm_reference itself with other settings (the final norm, the module path).
+    return rms_norm_reference(x, weight, eps)
 
 
 def mlp_core(x: Tensor, fc1_weight: Tensor, fc2_weight: Tensor) -> Tensor:
