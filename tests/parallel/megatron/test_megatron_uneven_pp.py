@@ -145,3 +145,22 @@ def test_stage_layers_agree_with_megatrons_offsets():
                     assert ours == theirs, (num_layers, pp, first, last)
                     checked += 1
     assert checked > 100
+
+
+def test_megatron_layout_names_what_it_cannot_express(megatron_world):
+    """The weights' layout comes from the model's config: splits rlkit's conversion does not know are refused."""
+    import types
+
+    from rlkit.parallel.megatron.model import megatron_layout
+
+    assert megatron_layout(None) == Layout()  # one stage: nothing to read from the config
+    split = types.SimpleNamespace(num_layers_in_first_pipeline_stage=1, num_layers_in_last_pipeline_stage=None)
+    assert megatron_layout(split).decoder_first_pipeline_num_layers == 1
+    for field, value in (
+        ("virtual_pipeline_model_parallel_size", 2),
+        ("pipeline_model_parallel_layout", "Et|tL"),
+        ("account_for_embedding_in_pipeline_split", True),
+        ("account_for_loss_in_pipeline_split", True),
+    ):
+        with pytest.raises(ValueError, match=field):
+            megatron_layout(types.SimpleNamespace(**{field: value}))
