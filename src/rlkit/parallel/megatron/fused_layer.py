@@ -331,7 +331,7 @@ def fused_transformer_layer_class():
     from megatron.core.transformer.identity_op import IdentityOp
 
     from rlkit.parallel.megatron.attention import packed_core_attention_class
-    from rlkit.parallel.megatron.spec import FusedRMSNorm, fused_mlp_class, rotary_self_attention_class
+    from rlkit.parallel.megatron.spec import FusedRMSNorm, fused_mlp_class, plain_rope, rotary_self_attention_class
 
     class FusedTransformerLayer(transformer_layer.TransformerLayer):
         """``TransformerLayer`` running :func:`attention_sublayer` and :func:`mlp_sublayer` where they apply.
@@ -436,13 +436,7 @@ def fused_transformer_layer_class():
             and not getattr(attention, "checkpoint_core_attention", False)  # selective recompute of attention
             and not layer.recompute_input_layernorm
             and not getattr(layer, "offload_attn_norm", False)
-            and not config.rotary_interleaved
-            and not config.multi_latent_attention
-            and not (config.no_rope_freq and config.no_rope_freq[layer.layer_number - 1])
-            and require(
-                "megatron.core.transformer.attention", purpose="the fused layer"
-            )._yarn_get_concentration_factor_from_config(config)
-            == 1.0
+            and plain_rope(config, layer.layer_number)
         )
         mlp_ok = common and (
             type(mlp) is mlp_cls

@@ -132,6 +132,21 @@ def fused_mlp_class():
     return FusedMLP
 
 
+def plain_rope(config, layer_number: int) -> bool:
+    """Whether layer ``layer_number`` (1-based) applies plain RoPE: non-interleaved halves, unscaled, not MLA.
+
+    The RoPE that :func:`rlkit.parallel.megatron.fused.apply_rotary_reference` computes; the fused attention
+    paths (``RotarySelfAttention``, :mod:`rlkit.parallel.megatron.fused_layer`) take over only then.
+    """
+    attention = require("megatron.core.transformer.attention", purpose="the rotary self-attention")
+    return not (
+        config.rotary_interleaved
+        or config.multi_latent_attention
+        or (config.no_rope_freq and config.no_rope_freq[layer_number - 1])
+        or attention._yarn_get_concentration_factor_from_config(config) != 1.0
+    )
+
+
 @functools.cache
 def rotary_self_attention_class():
     """megatron-core's ``SelfAttention`` applying RoPE with :func:`fused.apply_rotary` (lazy: needs megatron)."""
@@ -191,10 +206,7 @@ def rotary_self_attention_class():
             if (
                 kwargs.get("inference_context") is not None
                 or kwargs.get("inference_params") is not None
-                or config.rotary_interleaved
-                or config.multi_latent_attention
-                or (config.no_rope_freq and config.no_rope_freq[self.layer_number - 1])
-                or attention._yarn_get_concentration_factor_from_config(config) != 1.0
+                or not plain_rope(config, self.layer_number)
             ):
                 return None
             # Under SP hidden_states hold this rank's 1/tp of the tokens; the queries (after linear_qkv's
