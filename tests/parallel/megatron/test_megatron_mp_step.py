@@ -18,6 +18,8 @@ import torch
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install 'rlkit[megatron]')")
 
 
+from rl_batches import synthetic_rl_batch  # noqa: E402
+
 from gloo_ranks import run_on_gloo_ranks  # noqa: E402
 from rlkit.algos.losses import PolicyLossConfig  # noqa: E402
 from rlkit.ckpt.convert import Layout, megatron_to_hf  # noqa: E402
@@ -56,12 +58,7 @@ def _hf_model(moe: bool):
 
 
 def _batch() -> RLBatch:
-    g = torch.Generator().manual_seed(0)
-    tokens = [torch.randint(1, VOCAB, (n,), generator=g) for n in LENGTHS]
-    adv = [torch.full((r,), float(torch.randn(1, generator=g))) for r in RESPONSES]
-    old = [-5.3 + 0.5 * torch.randn(r, generator=g) for r in RESPONSES]  # near -log(200): some ratios clip
-    masks = [(torch.rand(r, generator=g) > 0.3).float() for r in RESPONSES]
-    return RLBatch(tokens=tokens, response_lengths=RESPONSES, advantages=adv, old_log_probs=old, loss_masks=masks)
+    return synthetic_rl_batch(LENGTHS, RESPONSES, vocab=VOCAB, with_loss_masks=True)
 
 
 def _worker(rank: int, results) -> None:

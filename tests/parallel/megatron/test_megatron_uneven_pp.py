@@ -17,6 +17,8 @@ import torch
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install 'rlkit[megatron]')")
 
 
+from rl_batches import synthetic_rl_batch  # noqa: E402
+
 from gloo_ranks import run_on_gloo_ranks  # noqa: E402
 from rlkit.algos.losses import PolicyLossConfig  # noqa: E402
 from rlkit.ckpt.convert import Layout, megatron_to_hf  # noqa: E402
@@ -39,11 +41,7 @@ def _hf_model():
 
 
 def _batch() -> RLBatch:
-    g = torch.Generator().manual_seed(0)
-    tokens = [torch.randint(1, VOCAB, (n,), generator=g) for n in LENGTHS]
-    adv = [torch.full((r,), float(torch.randn(1, generator=g))) for r in RESPONSES]
-    old = [-5.3 + 0.5 * torch.randn(r, generator=g) for r in RESPONSES]
-    return RLBatch(tokens=tokens, response_lengths=RESPONSES, advantages=adv, old_log_probs=old)
+    return synthetic_rl_batch(LENGTHS, RESPONSES, vocab=VOCAB)
 
 
 def _worker(rank: int, results) -> None:
