@@ -29,9 +29,9 @@ How the work is spread over the processes that ``torch.distributed.run`` launche
 
 Pipeline parallelism (``--pipeline-model-parallel-size``, optionally uneven with ``--decoder-first/last-pipeline-
 num-layers``): megatron's 1F1B schedule in the step; the weight sync broadcasts each stage's HF tensors over the
-pipeline group, so rank 0's engine receives the whole model. Refused by name (``megatron_problems``): the
-distributed optimizer on CPU or with checkpoints, its CPU offload. ``--async`` makes
-rank 0 generate rollout k+1 while the ranks train on k.
+pipeline group, so rank 0's engine receives the whole model. Refused by name (``recipe_checks.megatron_problems``):
+the distributed optimizer on CPU or with checkpoints, its CPU offload. ``--async`` makes rank 0 generate rollout k+1
+while the ranks train on k.
 Checkpoints: ``--save`` writes rlkit's atomic training state per model-parallel shard (megatron weights, AdamW
 state; rank 0's also holds the data position, buffer, the rollout in flight and RNG), ``--save-hf`` an HF export
 gathered from the shards; megatron-core's native ``torch_dist`` is not used (0.16.1 needs CUDA for it).
@@ -87,59 +87,6 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 
 # console line: step, reward, loss, grad norm, tokens/s, then the recipe's other keys
 STEP_KEYS = (("reward", "reward"), ("loss", "loss"), *CONSOLE_KEYS[1:])
-
-
-def megatron_problems(args: argparse.Namespace, *, world_size: int) -> list[str]:
-    """Trainer settings this backend cannot honour, each with the reason and the fix (the recipe rejects them)."""
-    problems = []
-    for end in ("first", "last"):
-        if getattr(args, f"decoder_{end}_pipeline_num_layers") is not None and args.pipeline_model_parallel_size == 1:
-            problems.append(f"--decoder-{end}-pipeline-num-layers: only with --pipeline-model-parallel-size > 1")
-    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
-    if world_size % model_parallel:
-        problems.append(
-            f"--tensor-model-parallel-size x --pipeline-model-parallel-size x --context-parallel-size = "
-            f"{model_parallel} does not divide the {world_size} launched processes; launch "
-            f"'python3 -m torch.distributed.run --nproc-per-node {model_parallel} ...'"
-        )
-    expert_grid = args.expert_model_parallel_size * args.expert_tensor_parallel_size * args.pipeline_model_parallel_size
-    if world_size % expert_grid:
-        problems.append(
-            f"--expert-model-parallel-size x --expert-tensor-parallel-size x --pipeline-model-parallel-size = "
-            f"{expert_grid} does not divide the {world_size} launched processes"
-        )
-    trainer_gpus = args.actor_num_nodes * args.actor_num_gpus_per_node
-    if (args.actor_num_nodes, args.actor_num_gpus_per_node) != (1, 1) and trainer_gpus != world_size:
-        problems.append(
-            f"--actor-num-nodes {args.actor_num_nodes} --actor-num-gpus-per-node {args.actor_num_gpus_per_node}: "
-            f"{trainer_gpus} trainer GPUs, but {world_size} processes were launched; torchrun sets the world "
-            "(--nnodes, --nproc-per-node): make them agree or drop the flags"
-        )
-    if args.recompute_granularity and not torch.cuda.is_available():
-        problems.append(
-            f"--recompute-granularity {args.recompute_granularity}: megatron-core's recompute needs CUDA (it saves "
-            "the CUDA RNG state); drop the --recompute-* flags on CPU"
-        )
-    if args.device:
-        problems.append(f"--device {args.device}: the megatron backend puts each process on its LOCAL_RANK GPU "
-                        "when CUDA is available, else on the CPU; drop --device")  # fmt: skip
-    if args.use_distributed_optimizer and not torch.cuda.is_available():
-        problems.append(
-            "--use-distributed-optimizer: megatron-core's DistributedOptimizer needs CUDA (0.16.1 checks for "
-            "torch.cuda tensors); drop it on CPU, where AdamW is replicated on every rank"
-        )
-    if args.optimizer_cpu_offload:
-        problems.append(
-            "--optimizer-cpu-offload: not supported by the megatron backend (megatron-core 0.16.1's "
-            "HybridDeviceOptimizer did not match the on-GPU DistributedOptimizer on an H100 in bf16 and rejects "
-            "float32 weights; see rlkit.parallel.megatron.distributed); use --use-distributed-optimizer alone"
-        )
-    if args.use_distributed_optimizer and (args.save or args.load):
-        problems.append(
-            "--use-distributed-optimizer with --save / --load: this recipe does not checkpoint the sharded optimizer "
-            "state yet; drop one (the weights alone: --save-hf from a run without --use-distributed-optimizer)"
-        )
-    return problems
 
 
 # ----------------------------------------------------------------------------------------------------

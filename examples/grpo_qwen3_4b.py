@@ -70,8 +70,11 @@ from rlkit.rollout.rewards import get_reward_fn
 from rlkit.rollout.rewards.scoring import count_reward_errors, make_batch_reward_fn
 from rlkit.rollout.sample import Sample, flatten_groups
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/ is no package: the flag checks are a sibling
+from recipe_checks import backend_problems  # noqa: E402
+
 # ----------------------------------------------------------------------------------------------------
-# 1. Flags (slime's names). Values the chosen backend cannot honour are collected and rejected together.
+# 1. Flags (slime's names). Values the chosen backend cannot honour (recipe_checks.py) are rejected together.
 # ----------------------------------------------------------------------------------------------------
 
 RECIPE_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
@@ -182,82 +185,6 @@ def build_parser() -> argparse.ArgumentParser:
     a("--sft-warmup-steps", type=int, default=None, help="SFT steps before RL when the model earns no reward")
     a("--no-plot", action="store_true")
     return p
-
-
-def backend_problems(args: argparse.Namespace, *, world_size: int | None = None) -> list[str]:
-    """Settings the chosen ``--backend`` (or the rollout side) cannot honour, each with the reason and fix."""
-    if world_size is None:  # torchrun sets WORLD_SIZE; a plain python3 launch is one process
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.backend == "hf":
-        trainer = hf_problems(args)
-    else:
-        trainer = megatron_recipe().megatron_problems(args, world_size=world_size)
-    if args.backend == "hf" and world_size != 1:
-        trainer.append(f"torchrun with {world_size} processes: the HF backend is one process; use --backend megatron")
-    return trainer + rollout_problems(args)
-
-
-def hf_problems(args: argparse.Namespace) -> list[str]:
-    """Trainer settings the HF transformers backend (one device) cannot honour."""
-    one_device = "the HF backend trains on one device; use --backend megatron for model parallelism"
-    checks = [
-        (args.tensor_model_parallel_size != 1, f"--tensor-model-parallel-size {args.tensor_model_parallel_size}"),
-        (args.pipeline_model_parallel_size != 1, f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}"),
-        (args.context_parallel_size != 1, f"--context-parallel-size {args.context_parallel_size}"),
-        (args.expert_model_parallel_size != 1, f"--expert-model-parallel-size {args.expert_model_parallel_size}"),
-        (
-            args.expert_tensor_parallel_size != 1,
-            f"--expert-tensor-parallel-size {args.expert_tensor_parallel_size}",
-        ),
-        (args.sequence_parallel, "--sequence-parallel"),
-        (args.decoder_first_pipeline_num_layers is not None, "--decoder-first-pipeline-num-layers"),
-        (args.decoder_last_pipeline_num_layers is not None, "--decoder-last-pipeline-num-layers"),
-        (
-            args.actor_num_nodes != 1 or args.actor_num_gpus_per_node != 1,
-            f"--actor-num-nodes {args.actor_num_nodes} --actor-num-gpus-per-node {args.actor_num_gpus_per_node}",
-        ),
-        (args.use_distributed_optimizer, "--use-distributed-optimizer"),
-        (args.optimizer_cpu_offload, "--optimizer-cpu-offload"),
-    ]
-    problems = [f"{flag}: not supported by this backend ({one_device})" for bad, flag in checks if bad]
-    if args.ref_load:
-        problems.append(
-            "--ref-load: not supported by this backend (it reads Megatron torch_dist); the HF backend uses "
-            "--hf-checkpoint's weights as the reference model (or use --backend megatron)"
-        )
-    if (
-        args.recompute_granularity == "selective"
-        or (args.recompute_method or "uniform") != "uniform"
-        or (args.recompute_num_layers not in (None, 1))
-    ):
-        problems.append(
-            "--recompute-*: the HF backend supports only '--recompute-granularity full --recompute-method uniform "
-            "--recompute-num-layers 1' (per-layer activation checkpointing)"
-        )
-    return problems
-
-
-def rollout_problems(args: argparse.Namespace) -> list[str]:
-    """Rollout-side settings neither backend can honour (the engines are rlkit's, or a server you launch)."""
-    problems = []
-    if args.rollout_num_gpus_per_engine != 1 and args.rollout_backend == "embedded":
-        problems.append(
-            f"--rollout-num-gpus-per-engine {args.rollout_num_gpus_per_engine}: not supported by the embedded "
-            "engine (one device); use --rollout-backend sglang and size the SGLang server yourself"
-        )
-    if args.rollout_num_gpus not in (None, 0, 1):
-        problems.append(f"--rollout-num-gpus {args.rollout_num_gpus}: not supported by this backend (one engine)")
-    for flag in ("sglang_mem_fraction_static", "sglang_cuda_graph_bs"):
-        if getattr(args, flag) is not None:
-            problems.append(
-                f"--{flag.replace('_', '-')}: not supported here: rlkit does not launch SGLang servers; pass it "
-                "to the server you start and point --sglang-router-url at it"
-            )
-    if args.rollout_backend == "sglang" and not args.sglang_router_url:
-        problems.append("--rollout-backend sglang needs --sglang-router-url http://host:port")
-    if args.async_mode and args.colocate:
-        problems.append("--async with --colocate: generation and training would share one device; drop one")
-    return problems
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
