@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# One device call's worth of GPU checks for the megatron backend (issue 10) and the experimental grouped experts.
+# One device call's worth of GPU checks for the megatron backend (issue 10), dense and MoE.
 #
 #   bash benchmarks/gpu_check.sh tests   # every GPU test (~150 s on an H100)
 #   bash benchmarks/gpu_check.sh step8k  # megatron_step at 8192 tokens/GPU: compiled vs module path vs HF, with and
 #                                        # without full recompute (~300 s)
 #   bash benchmarks/gpu_check.sh step16k # the same at 16384 without HF (~250 s), then grouped experts (~20 s)
+#   bash benchmarks/gpu_check.sh moe     # 4 Qwen3-30B-A3B layers (128 experts): grouped-GEMM experts vs megatron's
+#                                        # loop vs HF, with and without full recompute, then the grouped GPU test
 #   bash benchmarks/gpu_check.sh tp2     # 2 GPUs: the Qwen3-4B seed's TP2 + SP layout, compiled vs module path,
 #                                        # then the 2-GPU parity script
 #
@@ -29,6 +31,11 @@ case "${1:-}" in
       --paths megatron_thd megatron_thd_modules --steps 3 --out "$out/step16k.json" 2>&1 | grep -v Warning)
     python3 benchmarks/grouped_experts.py --out "$out/grouped_experts.json"
     ;;
+  moe)
+    (cd benchmarks && python3 megatron_step.py --shape qwen3-30b-a3b-4l --configs 8192:none 8192:full \
+      --paths megatron_thd megatron_thd_loop_experts hf_padded --steps 3 --out "$out/moe8k.json" 2>&1 | grep -v Warning)
+    python3 -m pytest -q -s -m gpu tests/parallel/megatron/test_grouped_experts.py 2>&1 | tail -12
+    ;;
   tp2)
     (cd benchmarks && python3 -m torch.distributed.run --standalone --nproc-per-node 2 megatron_step.py \
       --shape qwen3-4b --tp 2 --sequence-parallel --configs 9216:full --paths megatron_thd megatron_thd_modules \
@@ -37,7 +44,7 @@ case "${1:-}" in
       --out "$out/mp_parity.json" 2>&1 | grep -v Warning | tail -20
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_check.sh tests|step8k|step16k|tp2" >&2
+    echo "usage: bash benchmarks/gpu_check.sh tests|step8k|step16k|moe|tp2" >&2
     exit 2
     ;;
 esac

@@ -1,4 +1,4 @@
-"""Routed experts, forward + backward: megatron's per-expert loop vs two grouped GEMMs (rlkit._experimental).
+"""Routed experts, forward + backward: megatron's per-expert loop vs two grouped GEMMs (rlkit.parallel.megatron).
 
 One rank's experts of a MoE layer at the seeds' widths (default: Qwen3-30B-A3B at EP8, 16 local experts of
 hidden 2048 / width 768), bf16, tokens routed to the local experts with a skewed (Zipf-like) split, as a
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from rlkit._experimental.grouped_experts import grouped_swiglu_experts, swiglu_experts_reference
+from rlkit.parallel.megatron.grouped_experts import grouped_swiglu_experts, swiglu_experts_reference
 
 
 def _counts(tokens: int, experts: int, seed: int) -> list[int]:

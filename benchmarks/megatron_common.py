@@ -23,7 +23,19 @@ SHAPES = {
         hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
         num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
     ),
-    # For a CPU smoke run of the scripts (--shape tiny --device cpu).
+    # Qwen3-30B-A3B's layer (config.json of Qwen/Qwen3-30B-A3B: 128 experts, top-8, width 768) with 4 of its 48
+    # layers, all experts on one GPU: the routed-experts benchmark of megatron_step.py.
+    "qwen3-30b-a3b-4l": dict(
+        hidden_size=2048, intermediate_size=6144, num_hidden_layers=4, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
+        num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+    ),
+    # For a CPU smoke run of the scripts (--shape tiny --device cpu / --shape tiny-moe).
+    "tiny-moe": dict(
+        hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=151936, tie_word_embeddings=False,
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+    ),
     "tiny": dict(
         hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, vocab_size=151936, tie_word_embeddings=True,
@@ -32,12 +44,16 @@ SHAPES = {
 
 
 def hf_config(shape: str):
-    """A transformers ``Qwen3Config`` of the named shape (rope theta 1e6, RMSNorm eps 1e-6, 40960 positions)."""
-    from transformers import Qwen3Config
+    """A transformers ``Qwen3Config`` (``Qwen3MoeConfig`` for shapes with experts) of the named shape.
 
-    return Qwen3Config(
-        **SHAPES[shape], rms_norm_eps=1e-6, max_position_embeddings=40960, rope_theta=1_000_000.0, attention_bias=False
-    )
+    Rope theta 1e6, RMSNorm eps 1e-6, 40960 positions; MoE shapes have every layer sparse.
+    """
+    from transformers import Qwen3Config, Qwen3MoeConfig
+
+    fields = dict(SHAPES[shape], rms_norm_eps=1e-6, max_position_embeddings=40960, rope_theta=1_000_000.0)
+    if "num_experts" in fields:
+        return Qwen3MoeConfig(**fields, decoder_sparse_step=1, mlp_only_layers=[], attention_bias=False)
+    return Qwen3Config(**fields, attention_bias=False)
 
 
 def random_hf_model(shape: str, *, dtype: torch.dtype, seed: int = 0, attn: str = "sdpa", device: str = "cuda"):
@@ -67,14 +83,19 @@ def train_flops(lengths: list[int], shape: str) -> float:
     """Model FLOPs of one forward + backward (3x forward) over samples of the given lengths, padding excluded.
 
     Per token and layer (multiply-add = 2 FLOPs): QKV ``2 h (Hq + 2 Hkv) d``, output projection
-    ``2 Hq d h``, SwiGLU MLP ``2 * 3 h F``; per layer and sequence of ``L`` tokens, causal attention
-    ``QK^T`` and ``AV``: ``2 * 2 * Hq d * L (L + 1) / 2`` (only the lower triangle is useful work).
+    ``2 Hq d h``, SwiGLU MLP ``2 * 3 h F``; a MoE layer instead: router ``2 h E`` and the ``k`` routed
+    experts' SwiGLU ``k * 2 * 3 h F_moe`` (the active parameters); per layer and sequence of ``L`` tokens, causal
+    attention ``QK^T`` and ``AV``: ``2 * 2 * Hq d * L (L + 1) / 2`` (only the lower triangle is useful work).
     LM head ``2 h V`` per token. The embedding lookup and norms are not counted (no matmul).
     """
     s = SHAPES[shape]
     h, f, n = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"]
     hq, hkv, d, v = s["num_attention_heads"], s["num_key_value_heads"], s["head_dim"], s["vocab_size"]
-    per_token = n * (2 * h * (hq + 2 * hkv) * d + 2 * hq * d * h + 6 * h * f) + 2 * h * v
+    if "num_experts" in s:
+        mlp = 2 * h * s["num_experts"] + s["num_experts_per_tok"] * 6 * h * s["moe_intermediate_size"]
+    else:
+        mlp = 6 * h * f
+    per_token = n * (2 * h * (hq + 2 * hkv) * d + 2 * hq * d * h + mlp) + 2 * h * v
     tokens = sum(lengths)
     attention = n * sum(2 * hq * d * length * (length + 1) for length in lengths)
     return 3.0 * (per_token * tokens + attention)

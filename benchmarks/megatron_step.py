@@ -10,6 +10,8 @@ synthetic RL batch (48 samples, prompts 64-256, responses 128-2048 tokens, unifo
   megatron's ``TransformerLayer`` (``gpt_layer_spec(compiled_sublayers=False)``);
 * ``megatron_thd_stock``: the same with megatron-core's stock local modules (``gpt_layer_spec(fused=False)``),
   the baseline the fusion is measured against;
+* ``megatron_thd_loop_experts``: MoE shapes only, ``megatron_thd`` with megatron's per-expert ``SequentialMLP``
+  loop instead of the grouped-GEMM experts (``build_gpt_model(grouped_experts=False)``);
 * ``megatron_padded``: the fused model on right-padded ``[B, S]`` rows (causal SDPA);
 * ``hf_padded``: HF transformers ``Qwen3ForCausalLM`` (sdpa) on the same padded rows.
 
@@ -33,6 +35,10 @@ Tensor parallelism (the Qwen3-4B seed's layout, TP2 + SP): ``torchrun --nproc-pe
 qwen3-4b --tp 2 --sequence-parallel --configs 9216:full --paths megatron_thd megatron_thd_modules``; every rank
 trains the same global batch on its shards (DP 1), rank 0 prints, and MFU is per GPU (model FLOPs / step time /
 (peak x GPUs)). The HF path runs only without TP.
+
+Routed experts (4 layers of Qwen3-30B-A3B, all 128 experts on one GPU; MFU counts the active parameters):
+``python megatron_step.py --shape qwen3-30b-a3b-4l --configs 8192:none 8192:full --paths megatron_thd
+megatron_thd_loop_experts hf_padded``.
 """
 
 from __future__ import annotations
@@ -141,6 +147,7 @@ def _build(path: str, hf, *, recompute: str, device: str, sequence_parallel: boo
         "megatron_padded": {},
         "megatron_thd_stock": dict(fused=False),
         "megatron_thd_modules": dict(compiled_sublayers=False),
+        "megatron_thd_loop_experts": dict(grouped_experts=False),
     }
     if path not in specs:
         raise ValueError(f"unknown path {path!r}")
@@ -252,7 +259,7 @@ def main() -> None:
             for r in rows
             if r["max_tokens_per_gpu"] == budget and r["recompute"] == recompute and "tokens_per_s" in r
         }
-        for path in ("megatron_thd", "megatron_thd_modules", "megatron_thd_stock"):
+        for path in ("megatron_thd", "megatron_thd_modules", "megatron_thd_stock", "megatron_thd_loop_experts"):
             if path in by and "hf_padded" in by:
                 speedup = by[path]["tokens_per_s"] / by["hf_padded"]["tokens_per_s"]
                 print(f"budget {budget} recompute {recompute}: {path} / hf_padded tokens/s = {speedup:.2f}x")

@@ -8,8 +8,8 @@ and padded ``[S, B]`` input through causal SDPA. Weights are converted in memory
 ``[gate; up]``) are the same table the checkpoint converter uses.
 
 Supported: Qwen3 dense (``model_type="qwen3"``) and Qwen3-MoE with every layer sparse
-(``model_type="qwen3_moe"``, ``SequentialMLP`` experts, no load-balancing loss), under any TP (with or
-without sequence parallelism), PP, CP, EP and DP layout that megatron-core accepts: every rank builds
+(``model_type="qwen3_moe"``, ``SequentialMLP`` experts run as grouped GEMMs, no load-balancing loss), under
+any TP (with or without sequence parallelism), PP, CP, EP and DP layout that megatron-core accepts: every rank builds
 its own part (:func:`build_gpt_model`) after :func:`init_model_parallel` created the groups.
 megatron-core is imported inside the functions (``pip install "rlkit[megatron]"``).
 """
@@ -139,7 +139,7 @@ def _moe_fields(cfg: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def _layer_spec(config, *, fused: bool, compiled_sublayers: bool):
+def _layer_spec(config, *, fused: bool, compiled_sublayers: bool, grouped_experts: bool):
     """The decoder's block spec: :func:`gpt_layer_spec` layers, with the fused spec a fused final norm.
 
     The final norm is then a :class:`FusedRMSNorm` (HF's float32 order, the weight in the parameters' dtype,
@@ -150,7 +150,12 @@ def _layer_spec(config, *, fused: bool, compiled_sublayers: bool):
 
     if config.sequence_parallel and not fused:
         raise ValueError("sequence_parallel=True needs the fused spec (fused=True): megatron's local norm refuses SP")
-    spec = gpt_layer_spec(num_experts=config.num_moe_experts, fused=fused, compiled_sublayers=compiled_sublayers)
+    spec = gpt_layer_spec(
+        num_experts=config.num_moe_experts,
+        fused=fused,
+        compiled_sublayers=compiled_sublayers,
+        grouped_experts=grouped_experts,
+    )
     if not fused:
         return spec
     return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=FusedRMSNorm)
@@ -263,6 +268,7 @@ def build_gpt_model(
     sequence_parallel: bool = False,
     fused: bool = True,
     compiled_sublayers: bool = True,
+    grouped_experts: bool = True,
     **config_overrides: Any,
 ):
     """This rank's part of a megatron-core ``GPTModel`` equivalent to an HF Qwen3 / Qwen3-MoE model.
@@ -289,6 +295,9 @@ def build_gpt_model(
             megatron-core's stock local modules (no SP), the baseline of ``benchmarks/megatron_step.py``.
         compiled_sublayers: with ``fused``, each layer's sublayers run as compiled regions where they apply
             (:mod:`rlkit.parallel.megatron.fused_layer`); ``False`` runs the fused modules one by one.
+        grouped_experts: MoE only: the routed experts of a layer run as two grouped GEMMs
+            (:mod:`rlkit.parallel.megatron.grouped_experts`, same parameters); ``False`` keeps megatron's
+            per-expert ``SequentialMLP`` loop.
         **config_overrides: passed to :func:`transformer_config_from_hf`; among them megatron's uneven
             pipeline split, ``num_layers_in_first_pipeline_stage`` / ``num_layers_in_last_pipeline_stage``
             (slime's ``--decoder-first/last-pipeline-num-layers``; the other stages split the rest evenly),
@@ -347,7 +356,9 @@ def build_gpt_model(
     layout = megatron_layout(config)
     model = gpt.GPTModel(
         config=config,
-        transformer_layer_spec=_layer_spec(config, fused=fused, compiled_sublayers=compiled_sublayers),
+        transformer_layer_spec=_layer_spec(
+            config, fused=fused, compiled_sublayers=compiled_sublayers, grouped_experts=grouped_experts
+        ),
         vocab_size=padded_vocab_size(cfg["vocab_size"], layout),
         max_sequence_length=cfg["max_position_embeddings"],
         pre_process=parallel_state.is_pipeline_first_stage(),

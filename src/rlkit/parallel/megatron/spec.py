@@ -26,9 +26,12 @@ from rlkit.parallel.megatron.attention import packed_core_attention_class
 from rlkit.parallel.megatron.context_parallel import cp_local_positions
 from rlkit.parallel.megatron.fused import apply_rotary, packed_positions, rms_norm, rms_norm_rotary, swiglu
 from rlkit.parallel.megatron.fused_layer import fused_transformer_layer_class
+from rlkit.parallel.megatron.grouped_experts import with_grouped_experts
 
 
-def gpt_layer_spec(*, num_experts: int | None = None, fused: bool = True, compiled_sublayers: bool = True):
+def gpt_layer_spec(
+    *, num_experts: int | None = None, fused: bool = True, compiled_sublayers: bool = True, grouped_experts: bool = True
+):
     """megatron-core's local GPT layer spec with :class:`PackedCoreAttention` as its core attention.
 
     RMSNorm, QK-norm, and ``SequentialMLP`` routed experts when ``num_experts`` is given.
@@ -40,6 +43,10 @@ def gpt_layer_spec(*, num_experts: int | None = None, fused: bool = True, compil
         compiled_sublayers: with ``fused``, the layer is
             :class:`rlkit.parallel.megatron.fused_layer.FusedTransformerLayer`, which runs each sublayer as
             one compiled region where it applies (same modules and weights); ``False`` runs the modules one by one.
+        grouped_experts: with ``num_experts``, the routed experts are
+            :func:`rlkit.parallel.megatron.grouped_experts.grouped_sequential_mlp_class` (``SequentialMLP``'s
+            parameters, two grouped GEMMs per layer where the device has them, else its loop); ``False`` keeps
+            megatron's per-expert loop.
     """
     specs = require("megatron.core.models.gpt.gpt_layer_specs", purpose="the megatron layer spec")
     spec = specs.get_gpt_layer_local_spec(
@@ -58,6 +65,8 @@ def gpt_layer_spec(*, num_experts: int | None = None, fused: bool = True, compil
             # A class, not a ModuleSpec: TransformerLayer passes no extra kwargs to it (and does not warn that
             # the subclass is an "unknown MLP type"); FusedMLP builds the local spec's linear layers itself.
             layer.mlp = fused_mlp_class()
+    if num_experts is not None and grouped_experts:
+        with_grouped_experts(spec)
     return spec
 
 

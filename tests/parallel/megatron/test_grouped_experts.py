@@ -1,4 +1,4 @@
-"""Grouped-GEMM routed experts (experimental): the per-expert loop's values and gradients, and megatron's model."""
+"""Grouped-GEMM routed experts: the per-expert loop's values and gradients, and megatron's model with them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from unittest import mock
 import pytest
 import torch
 
-from rlkit._experimental.grouped_experts import grouped_swiglu_experts, swiglu_experts_reference
+from rlkit.parallel.megatron.grouped_experts import grouped_swiglu_experts, swiglu_experts_reference
 
 COUNTS = [5, 0, 16, 3, 1]  # an empty expert, an aligned one, and groups that need padding
 
@@ -43,24 +43,19 @@ def test_grouped_experts_equal_the_float64_loop(dtype):
 
 def test_qwen3_moe_with_grouped_experts_equals_the_loop_and_hf():
     pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install 'rlkit[megatron]')")
-    from rlkit._experimental import grouped_experts
     from rlkit.models.tiny import build_tiny_qwen3_moe
     from rlkit.parallel.layouts import pack_thd
+    from rlkit.parallel.megatron import grouped_experts
     from rlkit.parallel.megatron import model as megatron_model
     from rlkit.parallel.megatron.forward import megatron_forward
-    from rlkit.parallel.megatron.spec import gpt_layer_spec
 
     megatron_model.init_model_parallel()
     try:
         hf = build_tiny_qwen3_moe(seed=3)
-        loop = megatron_model.build_gpt_model(hf.config, hf_state_dict=hf.state_dict())
-
-        def grouped_spec(**kwargs):
-            return grouped_experts.with_grouped_experts(gpt_layer_spec(**kwargs))
-
-        with mock.patch.object(megatron_model, "gpt_layer_spec", grouped_spec):
-            grouped = megatron_model.build_gpt_model(hf.config, hf_state_dict=hf.state_dict())
+        loop = megatron_model.build_gpt_model(hf.config, hf_state_dict=hf.state_dict(), grouped_experts=False)
+        grouped = megatron_model.build_gpt_model(hf.config, hf_state_dict=hf.state_dict())  # the default
         assert type(grouped.decoder.layers[0].mlp.experts).__name__ == "GroupedSequentialMLP"
+        assert type(loop.decoder.layers[0].mlp.experts).__name__ == "SequentialMLP"
         samples = [torch.randint(1, 128, (n,)) for n in (11, 4, 17)]
         micro = pack_thd(samples, [1, 1, 1])
         upstream = torch.randn(micro.input_ids.shape[0], 128)
