@@ -23,13 +23,34 @@ def _problem(dtype, *, hidden=16, width=24, seed=0):
     return [t.to(dtype) for t in (x, fc1, fc2)], probs
 
 
+def _per_expert(weight, layout):
+    """``[E, N, K]`` as E leaf tensors: separate allocations, or views evenly spaced in one buffer (DDP's layout)."""
+    if layout == "separate":
+        return [w.clone().requires_grad_() for w in weight.unbind(0)]
+    buffer = torch.cat([weight.flatten(), weight.new_zeros(7)])  # room after the last expert, as in a grad buffer
+    views = buffer[: weight.numel()].view(weight.shape).unbind(0)
+    return [torch.nn.Parameter(v) for v in views]  # leaves that share the buffer's storage
+
+
+@pytest.mark.parametrize("weights", ["stacked", "separate", "one buffer"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_experts_equal_the_float64_loop(dtype):
+def test_grouped_experts_equal_the_float64_loop(dtype, weights):
     (x, fc1, fc2), probs = _problem(dtype)
     inputs = [t.clone().requires_grad_() for t in (x, probs, fc1, fc2)]
-    got = grouped_swiglu_experts(inputs[0], torch.tensor(COUNTS), inputs[1], inputs[2], inputs[3])
+    if weights == "stacked":
+        got = grouped_swiglu_experts(inputs[0], torch.tensor(COUNTS), inputs[1], inputs[2], inputs[3])
+        leaves = inputs
+    else:
+        w1, w2 = _per_expert(fc1, weights), _per_expert(fc2, weights)
+        if weights == "one buffer":
+            assert w1[1].data_ptr() == w1[0].data_ptr() + w1[0].numel() * w1[0].element_size()
+        got = grouped_swiglu_experts(inputs[0], torch.tensor(COUNTS), inputs[1], w1, w2)
+        leaves = [inputs[0], inputs[1], *w1, *w2]
     upstream = torch.randn(got.shape, generator=torch.Generator().manual_seed(1))
-    got_grads = torch.autograd.grad(got, inputs, upstream.to(dtype))
+    got_grads = torch.autograd.grad(got, leaves, upstream.to(dtype))
+    if weights != "stacked":
+        experts = len(COUNTS)
+        got_grads = [*got_grads[:2], torch.stack(got_grads[2 : 2 + experts]), torch.stack(got_grads[2 + experts :])]
     ref_inputs = [t.detach().double().requires_grad_() for t in inputs]
     want = swiglu_experts_reference(ref_inputs[0], COUNTS, ref_inputs[1], ref_inputs[2], ref_inputs[3])
     want_grads = torch.autograd.grad(want, ref_inputs, upstream.double())
@@ -39,6 +60,40 @@ def test_grouped_experts_equal_the_float64_loop(dtype):
     for name, g_got, g_want in zip(("x", "probs", "fc1", "fc2"), got_grads, want_grads, strict=True):
         torch.testing.assert_close(g_got.double(), g_want, **tol, msg=name)
     assert float(got_grads[2][1].abs().max()) == 0.0  # the empty expert's weights get no gradient
+
+
+def test_per_expert_weights_are_not_kept_stacked_for_the_backward():
+    """The backward re-stacks per-expert weights: no [E, N, K] copy outlives the forward (memory per MoE layer)."""
+    (x, fc1, fc2), probs = _problem(torch.float32)
+    w1, w2 = _per_expert(fc1, "separate"), _per_expert(fc2, "separate")
+    saved_shapes = []
+
+    def pack(t):
+        saved_shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = grouped_swiglu_experts(x.requires_grad_(), torch.tensor(COUNTS), probs, w1, w2)
+    assert tuple(fc1.shape) not in saved_shapes and tuple(fc2.shape) not in saved_shapes, saved_shapes
+    assert tuple(w1[0].shape) in saved_shapes  # the experts' own weights are what the backward keeps
+    out.sum().backward()
+    assert all(w.grad is not None for w in w1 + w2)
+
+
+def test_weights_evenly_spaced_in_one_buffer_are_stacked_without_a_copy():
+    from rlkit.parallel.megatron.grouped_experts import _stacked
+
+    (_, fc1, _), _ = _problem(torch.float32)
+    in_buffer, separate = _per_expert(fc1, "one buffer"), _per_expert(fc1, "separate")
+    view = _stacked(in_buffer)
+    assert view.data_ptr() == in_buffer[0].data_ptr()  # a view of the buffer
+    torch.testing.assert_close(view, fc1, rtol=0, atol=0)
+    copy = _stacked(separate)
+    assert copy.data_ptr() != separate[0].data_ptr()
+    torch.testing.assert_close(copy, fc1, rtol=0, atol=0)
+    # out of order in the buffer: no view can express it, so a copy in expert order
+    reordered = [in_buffer[1], in_buffer[0], *in_buffer[2:]]
+    torch.testing.assert_close(_stacked(reordered), fc1[[1, 0, *range(2, len(COUNTS))]], rtol=0, atol=0)
 
 
 def test_qwen3_moe_with_grouped_experts_equals_the_loop_and_hf():

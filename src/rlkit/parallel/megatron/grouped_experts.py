@@ -25,6 +25,7 @@ experts, ``R`` padded rows.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,20 +63,43 @@ def swiglu_experts_reference(
 
 
 class _GroupedLinear(torch.autograd.Function):
-    """``y[rows of e] = x[rows of e] @ W_e^T`` for groups ending at ``offs``; gradients as grouped GEMMs too."""
+    """``y[rows of e] = x[rows of e] @ W_e^T`` for groups ending at ``offs``; gradients as grouped GEMMs too.
+
+    The weights come either stacked (one ``[E, N, K]`` tensor) or one ``[N, K]`` tensor per expert (megatron's
+    ``local_experts``). Per-expert weights are stacked for the GEMM and stacked again in the backward rather than
+    saved: a saved stack would keep a copy of every MoE layer's expert weights alive until its backward (4.8 GiB
+    for 4 Qwen3-30B-A3B layers at EP1); the re-stack costs one weight-sized copy instead. Where the experts'
+    weights already lie evenly spaced in one storage (a gradient-buffer layout), the stack is a strided view.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
-        ctx.save_for_backward(x, weight, offs)
-        return _grouped_mm()(x, weight.transpose(-2, -1), offs=offs)
+    def forward(ctx, x: Tensor, offs: Tensor, *weights: Tensor) -> Tensor:
+        ctx.save_for_backward(x, offs, *weights)
+        return _grouped_mm()(x, _stacked(weights).transpose(-2, -1), offs=offs)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, weight, offs = ctx.saved_tensors
+        x, offs, *weights = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_x = _grouped_mm()(grad, weight, offs=offs)  # [R, N] x [E, N, K] -> [R, K]
+        grad_x = _grouped_mm()(grad, _stacked(weights), offs=offs)  # [R, N] x [E, N, K] -> [R, K]
         grad_weight = _grouped_mm()(grad.t(), x, offs=offs)  # [N, R] x [R, K] per group -> [E, N, K]
-        return grad_x, grad_weight, None
+        grad_weights = (grad_weight,) if len(weights) == 1 and weights[0].dim() == 3 else grad_weight.unbind(0)
+        return grad_x, None, *grad_weights
+
+
+def _stacked(weights: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
+    """``[E, N, K]``: the one stacked tensor, a strided view of evenly spaced expert weights, or a stacked copy."""
+    if len(weights) == 1 and weights[0].dim() == 3:
+        return weights[0]
+    first = weights[0]
+    if first.is_contiguous() and all(w.shape == first.shape and w.dtype == first.dtype for w in weights):
+        step = first.numel() * first.element_size()
+        base = first.data_ptr()
+        if all(w.is_contiguous() and w.data_ptr() == base + e * step for e, w in enumerate(weights)):
+            offset = first.storage_offset()
+            if first.untyped_storage().nbytes() >= (offset + len(weights) * first.numel()) * first.element_size():
+                return first.as_strided((len(weights), *first.shape), (first.numel(), *first.stride()), offset)
+    return torch.stack(weights)
 
 
 def _grouped_mm():
@@ -98,19 +122,30 @@ def grouped_mm_is_fast(device: torch.device) -> bool:
 
 
 def grouped_swiglu_experts(
-    x: Tensor, tokens_per_expert: Tensor, probs: Tensor, fc1_weight: Tensor, fc2_weight: Tensor, *, align: int = 8
+    x: Tensor,
+    tokens_per_expert: Tensor,
+    probs: Tensor,
+    fc1_weight: Tensor | Sequence[Tensor],
+    fc2_weight: Tensor | Sequence[Tensor],
+    *,
+    align: int = 8,
 ) -> Tensor:
     """:func:`swiglu_experts_reference` as two grouped GEMMs on a group-padded copy of the tokens.
 
     Args:
-        x, probs, fc1_weight, fc2_weight: as for the reference.
+        x, probs: as for the reference.
+        fc1_weight, fc2_weight: as for the reference (``[E, 2F, H]``, ``[E, H, F]``), or a sequence of ``E``
+            per-expert ``[2F, H]`` / ``[H, F]`` tensors, which then get their own gradients without a stacked
+            copy being kept for the backward.
         tokens_per_expert: ``[E]`` int counts (any device; never read on the host).
         align: rows each group is padded to (8: 16 bytes of bf16).
 
     Returns:
         ``[T, H]``, dtype of ``x``.
     """
-    num_tokens, num_experts = x.shape[0], fc1_weight.shape[0]
+    fc1 = (fc1_weight,) if torch.is_tensor(fc1_weight) else tuple(fc1_weight)
+    fc2 = (fc2_weight,) if torch.is_tensor(fc2_weight) else tuple(fc2_weight)
+    num_tokens, num_experts = x.shape[0], fc1[0].shape[0] if len(fc1) == 1 and fc1[0].dim() == 3 else len(fc1)
     device = x.device
     counts = tokens_per_expert.to(device=device, dtype=torch.long)
     padded = (counts + align - 1) // align * align
@@ -123,10 +158,10 @@ def grouped_swiglu_experts(
     offs = torch.cat([torch.cumsum(padded, 0)[:-1], torch.tensor([rows], device=device)]).to(torch.int32)
     x_rows = x.new_zeros(rows, x.shape[1]).index_copy(0, dest, x)
     p_rows = probs.new_zeros(rows).index_copy(0, dest, probs)
-    gate, up = _GroupedLinear.apply(x_rows, fc1_weight, offs).chunk(2, dim=-1)
+    gate, up = _GroupedLinear.apply(x_rows, offs, *fc1).chunk(2, dim=-1)
     act = F.silu(gate) * up
     act = (act * p_rows.unsqueeze(-1)).to(act.dtype)
-    return _GroupedLinear.apply(act, fc2_weight, offs).index_select(0, dest)
+    return _GroupedLinear.apply(act, offs, *fc2).index_select(0, dest)
 
 
 @functools.cache
@@ -146,8 +181,8 @@ def grouped_sequential_mlp_class():
             """As ``SequentialMLP.forward``: ``([T, H], None)``."""
             if not self._grouped_ok(permuted_local_hidden_states):
                 return super().forward(permuted_local_hidden_states, tokens_per_expert, permuted_probs)
-            fc1 = torch.stack([expert.linear_fc1.weight for expert in self.local_experts])
-            fc2 = torch.stack([expert.linear_fc2.weight for expert in self.local_experts])
+            fc1 = [expert.linear_fc1.weight for expert in self.local_experts]
+            fc2 = [expert.linear_fc2.weight for expert in self.local_experts]
             if not torch.is_tensor(tokens_per_expert):
                 tokens_per_expert = torch.tensor(tokens_per_expert)
             out = grouped_swiglu_experts(permuted_local_hidden_states, tokens_per_expert, permuted_probs, fc1, fc2)
