@@ -48,7 +48,6 @@ Commands (the embedded default: a tiny Qwen3 and the bundled addition set):
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
 import datetime
 import json
@@ -71,11 +70,12 @@ from rlkit.ckpt.training_state import (  # noqa: E402
     restore_rng_state,
     save_training_state,
 )
+from rlkit.lr_schedule import ParamGroupLR  # noqa: E402
 from rlkit.metrics import CONSOLE_KEYS, format_metrics_line, plot_history, summarize_history  # noqa: E402
 from rlkit.rollout.buffer import PartialRolloutBuffer, get_buffer_filter  # noqa: E402
 from rlkit.rollout.engines.embedded import EmbeddedEngine  # noqa: E402
 from rlkit.rollout.engines.process import ProcessEngine  # noqa: E402
-from rlkit.rollout.sample import Sample  # noqa: E402
+from rlkit.rollout.prefetch import RolloutPrefetcher  # noqa: E402
 
 # megatron-core announces its pure-torch fallbacks on import when Transformer Engine / Apex are absent (expected)
 warnings.filterwarnings("ignore", "Transformer Engine and Apex are not installed", UserWarning)
@@ -217,33 +217,6 @@ def megatron_reference(args, world: World, hf_policy):
     return model.eval().requires_grad_(False)
 
 
-class ParamGroupLR:
-    """``LambdaLR``'s interface for megatron's optimizer, which reads the lr from its ``param_groups``."""
-
-    def __init__(self, optimizer, base_lr: float, factor) -> None:
-        self.optimizer, self.base_lr, self.factor, self.num_steps = optimizer, base_lr, factor, 0
-        self._apply()
-
-    def _apply(self) -> None:
-        self.lr = self.base_lr * self.factor(self.num_steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.lr
-
-    def step(self) -> None:
-        self.num_steps += 1
-        self._apply()
-
-    def get_last_lr(self) -> list[float]:
-        return [self.lr]
-
-    def state_dict(self) -> dict:
-        return {"num_steps": self.num_steps}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.num_steps = state["num_steps"]
-        self._apply()
-
-
 def build_optimizer(args, model):
     """``(module to train, optimizer, lr schedule)``: AdamW on every rank's part of the model (replicated over DP),
     or with ``--use-distributed-optimizer`` megatron's DDP and DistributedOptimizer (fp32 master weights and Adam
@@ -283,49 +256,6 @@ def build_engine(args, hf_policy, tokenizer, output_dir: Path, world: World):
     backend = "nccl" if engine_device.type == "cuda" else "gloo"
     engine.init_weight_group(backend=backend, device=world.device, engine_device=engine_device)
     return engine
-
-
-class Rollouts:
-    """Rank 0's rollouts: made on demand, or with ``--async`` one ahead in a thread while the ranks train.
-
-    The rollout made ahead is generated with the weights before the current step's update (one step
-    off-policy, slime's train_async.py); the weight sync waits for it (the engine's lock).
-    """
-
-    def __init__(self, do_rollout, *, num_rollout: int, async_mode: bool, prefetched=None) -> None:
-        self.do_rollout, self.num_rollout, self.prefetched = do_rollout, num_rollout, prefetched
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1) if async_mode else None
-        self.pending: concurrent.futures.Future | None = None
-
-    def get(self, rollout_id: int):
-        """``(groups, metrics)`` of rollout ``rollout_id``; with ``--async`` starts the next one."""
-        if self.prefetched is not None:  # generated before the checkpoint we resumed from
-            out, self.prefetched = self.prefetched, None
-        else:
-            out = self.pending.result() if self.pending is not None else self.do_rollout(rollout_id)
-        self.pending = None
-        if self.pool and rollout_id + 1 < self.num_rollout:
-            self.pending = self.pool.submit(self.do_rollout, rollout_id + 1)
-        return out
-
-    def in_flight_state(self) -> dict:
-        """The rollout being made ahead (its prompts are taken from the dataset), for a checkpoint."""
-        if self.pending is None:
-            return {"prefetched": None, "prefetched_metrics": None}
-        groups, metrics = self.pending.result()
-        return {"prefetched": [[s.to_dict() for s in g] for g in groups], "prefetched_metrics": metrics}
-
-    @staticmethod
-    def from_state(loop_state: dict):
-        """``(groups, metrics)`` saved by :meth:`in_flight_state`, or ``None``."""
-        if loop_state.get("prefetched") is None:
-            return None
-        groups = [[Sample.from_dict(d) for d in g] for g in loop_state["prefetched"]]
-        return groups, loop_state["prefetched_metrics"]
-
-    def close(self) -> None:
-        if self.pool:
-            self.pool.shutdown(cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -547,7 +477,7 @@ def main(args: argparse.Namespace) -> None:
             history = state.loop_state["history"]
             dataset.load_state_dict(state.loop_state["dataset"])
             buffer.load_state_dict(state.loop_state["buffer"])
-            prefetched = Rollouts.from_state(state.loop_state)
+            prefetched = RolloutPrefetcher.resumed_rollout(state.loop_state)
             restore_rng_state(state.rng_state)
         say(f"[rlkit] resumed from {state.path} at rollout {start_rollout}")
     engine = eval_sets = rollouts = metrics_file = None
@@ -557,7 +487,8 @@ def main(args: argparse.Namespace) -> None:
         say(f"[rlkit] rollout engine: {type(engine).__name__} in {where}")
         eval_sets = recipe.build_eval_sets(args, tokenizer, stops)
         do_rollout = recipe.make_rollout_fn(args, engine, dataset, score, stops, buffer)
-        rollouts = Rollouts(do_rollout, num_rollout=args.num_rollout, async_mode=args.async_mode, prefetched=prefetched)
+        rollouts = RolloutPrefetcher(do_rollout, num_rollout=args.num_rollout, async_mode=args.async_mode,
+                                     resumed=prefetched)  # fmt: skip
         metrics_file = open(output_dir / "metrics.jsonl", "a")
     sync_weights(model, engine, hf_config, args, world)  # the engine starts from the trained weights (--load)
     if is_main:

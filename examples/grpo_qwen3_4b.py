@@ -38,10 +38,8 @@ Commands:
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import copy
 import json
-import math
 import os
 import sys
 import time
@@ -51,12 +49,13 @@ from pathlib import Path
 import torch
 
 from rlkit.algos.advantages import get_advantage_estimator
-from rlkit.algos.aggregation import aggregate, global_normalizer
-from rlkit.algos.losses import PolicyLossConfig, sft_loss
+from rlkit.algos.losses import PolicyLossConfig
 from rlkit.ckpt.training_state import capture_rng_state, load_training_state, restore_rng_state, save_training_state
+from rlkit.lr_schedule import warmup_decay_schedule
 from rlkit.metrics import format_metrics_line, plot_history, summarize_history
 from rlkit.models.tiny import build_char_tokenizer, build_tiny_qwen3
 from rlkit.parallel.hf import accumulate_policy_gradients, store_response_logprobs
+from rlkit.parallel.hf_sft import answer_sft_loss
 from rlkit.parallel.packing import DataPacker
 from rlkit.rollout.buffer import PartialRolloutBuffer, get_buffer_filter
 from rlkit.rollout.data import PromptDataset
@@ -66,12 +65,13 @@ from rlkit.rollout.engines.process import ProcessEngine
 from rlkit.rollout.engines.sglang import SGLangClientConfig, SGLangEngine
 from rlkit.rollout.filters import get_dynamic_filter
 from rlkit.rollout.manager import EvalDataset, RolloutConfig, eval_step, rollout_step
+from rlkit.rollout.prefetch import RolloutPrefetcher
 from rlkit.rollout.rewards import get_reward_fn
 from rlkit.rollout.rewards.scoring import count_reward_errors, make_batch_reward_fn
 from rlkit.rollout.sample import Sample, flatten_groups
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/ is no package: the flag checks are a sibling
-from recipe_checks import backend_problems  # noqa: E402
+from recipe_checks import backend_problems, resolve_batch_sizes  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Flags (slime's names). Values the chosen backend cannot honour (recipe_checks.py) are rejected together.
@@ -214,27 +214,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, fallback in fallbacks.items():
         if getattr(args, key) is None:
             setattr(args, key, fallback)
-    rollout_samples = args.rollout_batch_size * args.n_samples_per_prompt
-    if args.global_batch_size is None:
-        args.num_steps_per_rollout = args.num_steps_per_rollout or 1
-        if rollout_samples % args.num_steps_per_rollout:
-            parser.error(
-                f"--num-steps-per-rollout {args.num_steps_per_rollout} does not divide {rollout_samples} "
-                "samples per rollout (rollout-batch-size x n-samples-per-prompt)"
-            )
-        args.global_batch_size = rollout_samples // args.num_steps_per_rollout
-    elif rollout_samples % args.global_batch_size or (
-        args.num_steps_per_rollout not in (None, rollout_samples // args.global_batch_size)
-    ):
-        parser.error(
-            f"--global-batch-size {args.global_batch_size} must divide the {rollout_samples} samples per "
-            f"rollout and agree with --num-steps-per-rollout {args.num_steps_per_rollout}"
-        )
-    args.num_steps_per_rollout = rollout_samples // args.global_batch_size
-    if not args.use_dynamic_batch_size and args.micro_batch_size is None:
-        args.micro_batch_size = 1
-    if args.use_dynamic_batch_size and args.max_tokens_per_gpu is None:
-        parser.error("--use-dynamic-batch-size needs --max-tokens-per-gpu N")
+    problem = resolve_batch_sizes(args)  # --global-batch-size, --num-steps-per-rollout, --micro-batch-size
+    if problem:
+        parser.error(problem)
     # slime's default is the per-sample mean; --calculate-per-token-loss switches to the per-token mean
     args.loss_aggregation = args.loss_aggregation or ("token_mean" if args.calculate_per_token_loss else "sample_mean")
     if args.advantage_estimator not in RECIPE_ESTIMATORS:
@@ -249,14 +231,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # 2. Setup: tokenizer, policy, reference, data, reward, engine.
 # ----------------------------------------------------------------------------------------------------
 
-TINY_MODEL = dict(
-    hidden_size=64,
-    intermediate_size=192,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-)
+TINY_MODEL = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16)  # fmt: skip
 
 
 def build_tokenizer_and_policy(args, device):
@@ -322,53 +298,15 @@ def train_step(model, optimizer, samples, packer, loss_config, args, *, pad_id) 
     return metrics | {"grad_norm": float(grad_norm)}
 
 
-def sft_warmup(model, optimizer, dataset, tokenizer, *, steps, batch_size, stop_id) -> float:
-    """Masked cross-entropy on ``\\boxed{label}`` answers, to give a random policy a first reward."""
-    loss = torch.tensor(0.0)
-    device = next(model.parameters()).device
-    for _ in range(steps):
-        prompts = dataset.next_batch(batch_size)
-        seqs = [s.tokens + tokenizer.encode(f"\\boxed{{{s.label}}}") + [stop_id] for s in prompts]
-        width = max(map(len, seqs))
-        ids = torch.tensor([q + [tokenizer.pad_token_id] * (width - len(q)) for q in seqs], device=device)
-        mask = torch.tensor(
-            [
-                [0] * len(s.tokens) + [1] * (len(q) - len(s.tokens)) + [0] * (width - len(q))
-                for s, q in zip(prompts, seqs, strict=True)
-            ],
-            device=device,
-        )
-        per_token_loss = sft_loss(model(input_ids=ids).logits[:, :-1], ids[:, 1:])
-        loss = aggregate(
-            per_token_loss,
-            mask[:, 1:],
-            mode="token_mean",
-            normalizer=global_normalizer(mask[:, 1:].sum(1), mode="token_mean"),
-        )
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
-
-
 def sampling_params(args, stops, *, seed, eval_set: bool = False) -> SamplingParams:
+    """The ``--rollout-*`` sampling; for an eval set, ``--eval-temperature / -top-p / -max-response-len`` if set."""
+    temperature, top_p, max_new_tokens = args.rollout_temperature, args.rollout_top_p, args.rollout_max_response_len
     if eval_set:
-        return SamplingParams(
-            temperature=args.eval_temperature if args.eval_temperature is not None else args.rollout_temperature,
-            top_p=args.eval_top_p if args.eval_top_p is not None else args.rollout_top_p,
-            top_k=args.rollout_top_k,
-            max_new_tokens=args.eval_max_response_len or args.rollout_max_response_len,
-            stop_token_ids=stops,
-            seed=seed,
-        )
-    return SamplingParams(
-        temperature=args.rollout_temperature,
-        top_p=args.rollout_top_p,
-        top_k=args.rollout_top_k,
-        max_new_tokens=args.rollout_max_response_len,
-        stop_token_ids=stops,
-        seed=seed,
-    )
+        temperature = args.eval_temperature if args.eval_temperature is not None else temperature
+        top_p = args.eval_top_p if args.eval_top_p is not None else top_p
+        max_new_tokens = args.eval_max_response_len or max_new_tokens
+    return SamplingParams(temperature=temperature, top_p=top_p, top_k=args.rollout_top_k,
+                          max_new_tokens=max_new_tokens, stop_token_ids=stops, seed=seed)  # fmt: skip
 
 
 def build_eval_sets(args, tokenizer, stops) -> list[EvalDataset]:
@@ -380,21 +318,11 @@ def build_eval_sets(args, tokenizer, stops) -> list[EvalDataset]:
         raise SystemExit(f"--eval-prompt-data takes PATH or NAME PATH pairs, got {spec}")
     sets = []
     for name, path in zip(spec[::2], spec[1::2], strict=True):
-        data = PromptDataset(
-            path,
-            tokenizer=tokenizer,
-            input_key=args.input_key,
-            label_key=args.label_key,
-            apply_chat_template=args.apply_chat_template,
-        )
-        sets.append(
-            EvalDataset(
-                name=name,
-                prompts=data.next_batch(len(data)),
-                n_samples_per_prompt=args.n_samples_per_eval_prompt or 1,
-                sampling=sampling_params(args, stops, seed=args.seed, eval_set=True),
-            )
-        )
+        data = PromptDataset(path, tokenizer=tokenizer, input_key=args.input_key, label_key=args.label_key,
+                             apply_chat_template=args.apply_chat_template)  # fmt: skip
+        sets.append(EvalDataset(name=name, prompts=data.next_batch(len(data)),
+                                n_samples_per_prompt=args.n_samples_per_eval_prompt or 1,
+                                sampling=sampling_params(args, stops, seed=args.seed, eval_set=True)))  # fmt: skip
     return sets
 
 
@@ -411,18 +339,9 @@ def estimate_advantages(args, rewards: torch.Tensor) -> torch.Tensor:
 
 
 def lr_schedule(args):
-    """Multiplier of ``--lr`` per optimizer step: linear warmup, then constant / cosine / linear decay."""
-    total = max(1, args.num_rollout * args.num_steps_per_rollout - args.lr_warmup_iters)
-
-    def factor(step: int) -> float:
-        if step < args.lr_warmup_iters:
-            return (step + 1) / args.lr_warmup_iters
-        progress = min(1.0, (step - args.lr_warmup_iters) / total)
-        return {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[
-            args.lr_decay_style
-        ]
-
-    return factor
+    """Multiplier of ``--lr`` per optimizer step: ``--lr-warmup-iters`` linear warmup, then ``--lr-decay-style``."""
+    return warmup_decay_schedule(num_steps=args.num_rollout * args.num_steps_per_rollout,
+                                 warmup_steps=args.lr_warmup_iters, decay_style=args.lr_decay_style)  # fmt: skip
 
 
 def build_dataset(args, tokenizer) -> PromptDataset:
@@ -470,24 +389,29 @@ def build_loss_config(args) -> PolicyLossConfig:
 
 
 def warm_start_if_needed(args, policy, dataset, tokenizer, score, stops) -> None:
-    """SFT on the labels when the untrained policy earns no reward on one probe batch (a random model)."""
+    """SFT on ``\\boxed{label}`` answers when the untrained policy earns no reward on a probe batch (a random model)."""
     if not args.sft_warmup_steps:
         return
     probe = dataset.next_batch(args.rollout_batch_size)  # does the untrained policy earn any reward?
     probe_engine = EmbeddedEngine(policy.eval(), pad_token_id=tokenizer.pad_token_id or 0, tokenizer=tokenizer)
     probe_engine.generate(probe, sampling_params(args, stops, seed=args.seed))
     policy.train()
-    if max(score(probe)) <= 0:
-        print(
-            f"[rlkit] the untrained policy earned no reward on {len(probe)} prompts: SFT warm-start for "
-            f"{args.sft_warmup_steps} steps on the training labels (\\boxed{{label}})",
-            flush=True,
-        )
-        sft_opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
-        loss = sft_warmup(
-            policy, sft_opt, dataset, tokenizer, steps=args.sft_warmup_steps, batch_size=32, stop_id=stops[-1]
-        )
-        print(f"[rlkit] SFT warm-start done, final loss {loss:.3f}", flush=True)
+    if max(score(probe)) > 0:
+        return
+    print(
+        f"[rlkit] the untrained policy earned no reward on {len(probe)} prompts: SFT warm-start for "
+        f"{args.sft_warmup_steps} steps on the training labels (\\boxed{{label}})",
+        flush=True,
+    )
+    sft_optimizer = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+    for _ in range(args.sft_warmup_steps):
+        prompts = dataset.next_batch(32)
+        answers = [tokenizer.encode(f"\\boxed{{{s.label}}}") + [stops[-1]] for s in prompts]
+        loss = answer_sft_loss(policy, [s.tokens for s in prompts], answers, pad_id=tokenizer.pad_token_id or 0)
+        loss.backward()
+        sft_optimizer.step()
+        sft_optimizer.zero_grad(set_to_none=True)
+    print(f"[rlkit] SFT warm-start done, final loss {float(loss.detach()):.3f}", flush=True)
 
 
 def make_rollout_fn(args, engine, dataset, score, stops, buffer):
@@ -544,16 +468,10 @@ def rollout_record(rollout_id, groups, samples, rewards, reward_errors, rollout_
     return record | {f"reward/{kind}s": float(n) for kind, n in reward_errors.items()}
 
 
-def save(args, policy, optimizer, scheduler, dataset, buffer, history, tokenizer, next_rollout_id, prefetched):
-    loop_state = {
-        "next_rollout_id": next_rollout_id,
-        "scheduler": scheduler.state_dict(),
-        "dataset": dataset.state_dict(),
-        "history": history,
-        "buffer": buffer.state_dict(),
-        "prefetched": None if prefetched is None else [[s.to_dict() for s in g] for g in prefetched[0]],
-        "prefetched_metrics": None if prefetched is None else prefetched[1],
-    }
+def save(args, policy, optimizer, scheduler, dataset, buffer, history, tokenizer, next_rollout_id, in_flight):
+    """rlkit's training state (weights, AdamW, loop and RNG state; ``in_flight``: the rollout made ahead)."""
+    loop_state = dict(next_rollout_id=next_rollout_id, scheduler=scheduler.state_dict(), dataset=dataset.state_dict(),
+                      history=history, buffer=buffer.state_dict(), **in_flight)  # fmt: skip
     path = save_training_state(
         args.save,
         step=next_rollout_id,
@@ -568,17 +486,6 @@ def save(args, policy, optimizer, scheduler, dataset, buffer, history, tokenizer
         tokenizer.save_pretrained(path / "hf")
 
 
-def megatron_recipe():
-    """``examples/grpo_megatron.py``, this loop on the megatron-core backend (examples/ is no package: by path)."""
-    import importlib.util
-
-    if "grpo_megatron" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("grpo_megatron", Path(__file__).with_name("grpo_megatron.py"))
-        sys.modules["grpo_megatron"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules["grpo_megatron"])
-    return sys.modules["grpo_megatron"]
-
-
 # ----------------------------------------------------------------------------------------------------
 # 4. The loop.
 # ----------------------------------------------------------------------------------------------------
@@ -586,8 +493,10 @@ def megatron_recipe():
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.backend == "megatron":
-        return megatron_recipe().main(args)
+    if args.backend == "megatron":  # the megatron-core half of this loop, a sibling file
+        import grpo_megatron
+
+        return grpo_megatron.main(args)
     if args.embedded_default:
         print(
             "[rlkit] no --hf-checkpoint: running the EMBEDDED DEFAULT (a tiny Qwen3-architecture model, a char "
@@ -604,11 +513,8 @@ def main(argv: list[str] | None = None) -> None:
         policy.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(args))
-    dataset, score, eval_sets = (
-        build_dataset(args, tokenizer),
-        build_scorer(args),
-        build_eval_sets(args, tokenizer, stops),
-    )
+    dataset, score = build_dataset(args, tokenizer), build_scorer(args)
+    eval_sets = build_eval_sets(args, tokenizer, stops)
     packer = build_packer(args)
     buffer = PartialRolloutBuffer(get_buffer_filter(args.buffer_filter_path))
     start_rollout, history, prefetched = 0, [], None
@@ -620,9 +526,7 @@ def main(argv: list[str] | None = None) -> None:
         dataset.load_state_dict(state.loop_state["dataset"])
         buffer.load_state_dict(state.loop_state["buffer"])
         start_rollout, history = state.loop_state["next_rollout_id"], state.loop_state["history"]
-        if state.loop_state["prefetched"] is not None:
-            groups = [[Sample.from_dict(d) for d in g] for g in state.loop_state["prefetched"]]
-            prefetched = (groups, state.loop_state["prefetched_metrics"])
+        prefetched = RolloutPrefetcher.resumed_rollout(state.loop_state)
         restore_rng_state(state.rng_state)
         print(f"[rlkit] resumed from {state.path} at rollout {start_rollout}", flush=True)
     else:
@@ -636,24 +540,17 @@ def main(argv: list[str] | None = None) -> None:
     where = f"its own process (pid {engine.process.pid})" if isinstance(engine, ProcessEngine) else "this process"
     print(f"[rlkit] rollout engine: {type(engine).__name__} in {where}", flush=True)
     engine.update_weights(policy.state_dict())
-    do_rollout = make_rollout_fn(args, engine, dataset, score, stops, buffer)
     metrics_file = open(output_dir / "metrics.jsonl", "a")
     if start_rollout == 0 and eval_sets:
         history.append(evaluate(engine, eval_sets, score, rollout_id=0))
         print(format_metrics_line(history[-1]), flush=True)
-    # --async: a one-thread pool generates rollout k+1 while the main thread trains on rollout k
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1) if args.async_mode else None
-    pending = None
-    if pool and prefetched is None:
-        pending = pool.submit(do_rollout, start_rollout)
+    # --async: a thread generates rollout k+1 (with the weights before step k's update) while this one trains on k
+    do_rollout = make_rollout_fn(args, engine, dataset, score, stops, buffer)
+    rollouts = RolloutPrefetcher(do_rollout, num_rollout=args.num_rollout, async_mode=args.async_mode,
+                                 resumed=prefetched)  # fmt: skip
     for rollout_id in range(start_rollout, args.num_rollout):
         t0 = time.perf_counter()
-        if prefetched is not None:  # generated before the checkpoint we resumed from
-            (groups, metrics), prefetched = prefetched, None
-        else:
-            groups, metrics = pending.result() if pool else do_rollout(rollout_id)
-        if pool and rollout_id + 1 < args.num_rollout:
-            pending = pool.submit(do_rollout, rollout_id + 1)  # uses the weights before this step's update
+        groups, metrics = rollouts.get(rollout_id)
         samples, rewards, reward_errors = graded_samples(args, groups, rollout_id)
         if args.num_steps_per_rollout > 1 or args.async_mode or args.use_tis:
             # the policy that generated is not the one being trained: recompute its log-probs once
@@ -682,15 +579,10 @@ def main(argv: list[str] | None = None) -> None:
         metrics_file.flush()
         print(format_metrics_line(record), flush=True)
         if args.save and args.save_interval and (rollout_id + 1) % args.save_interval == 0:
-            in_flight = None
-            if pending is not None and rollout_id + 1 < args.num_rollout:
-                # its prompts are already taken from the dataset: store the finished rollout with the state
-                in_flight = pending.result()
-                pending = concurrent.futures.Future()
-                pending.set_result(in_flight)
-            save(args, policy, optimizer, scheduler, dataset, buffer, history, tokenizer, rollout_id + 1, in_flight)
-    if pool:
-        pool.shutdown(cancel_futures=True)
+            # the rollout in flight has taken its prompts from the dataset: it is saved with the state
+            save(args, policy, optimizer, scheduler, dataset, buffer, history, tokenizer, rollout_id + 1,
+                 rollouts.in_flight_state())  # fmt: skip
+    rollouts.close()
     if hasattr(engine, "close"):
         engine.close()
     summary = summarize_history(history)

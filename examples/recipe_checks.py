@@ -140,3 +140,34 @@ def megatron_problems(args: argparse.Namespace, *, world_size: int) -> list[str]
             "state yet; drop one (the weights alone: --save-hf from a run without --use-distributed-optimizer)"
         )
     return problems
+
+
+def resolve_batch_sizes(args: argparse.Namespace) -> str | None:
+    """Fill ``--global-batch-size`` and ``--num-steps-per-rollout`` from each other, and ``--micro-batch-size``.
+
+    A rollout's ``rollout-batch-size x n-samples-per-prompt`` samples are trained in ``num_steps_per_rollout``
+    optimizer steps of ``global_batch_size`` samples each (one step by default, as in slime). Returns the
+    problem for ``parser.error``, or ``None`` once ``args`` is filled in.
+    """
+    rollout_samples = args.rollout_batch_size * args.n_samples_per_prompt
+    if args.global_batch_size is None:
+        args.num_steps_per_rollout = args.num_steps_per_rollout or 1
+        if rollout_samples % args.num_steps_per_rollout:
+            return (
+                f"--num-steps-per-rollout {args.num_steps_per_rollout} does not divide {rollout_samples} "
+                "samples per rollout (rollout-batch-size x n-samples-per-prompt)"
+            )
+        args.global_batch_size = rollout_samples // args.num_steps_per_rollout
+    elif rollout_samples % args.global_batch_size or (
+        args.num_steps_per_rollout not in (None, rollout_samples // args.global_batch_size)
+    ):
+        return (
+            f"--global-batch-size {args.global_batch_size} must divide the {rollout_samples} samples per "
+            f"rollout and agree with --num-steps-per-rollout {args.num_steps_per_rollout}"
+        )
+    args.num_steps_per_rollout = rollout_samples // args.global_batch_size
+    if not args.use_dynamic_batch_size and args.micro_batch_size is None:
+        args.micro_batch_size = 1
+    if args.use_dynamic_batch_size and args.max_tokens_per_gpu is None:
+        return "--use-dynamic-batch-size needs --max-tokens-per-gpu N"
+    return None

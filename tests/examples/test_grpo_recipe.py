@@ -107,6 +107,25 @@ def test_unknown_flag_is_an_error_not_ignored(capsys):
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
 
+def test_batch_size_flags_are_derived_or_rejected(capsys):
+    recipe = _load_recipe()
+    # the embedded default: 16 prompts x 8 samples = 128 samples per rollout, one optimizer step by default
+    args = recipe.parse_args([])
+    assert (args.global_batch_size, args.num_steps_per_rollout, args.micro_batch_size) == (128, 1, None)
+    assert recipe.parse_args(["--num-steps-per-rollout", "4"]).global_batch_size == 32  # 128 / 4
+    assert recipe.parse_args(["--global-batch-size", "64"]).num_steps_per_rollout == 2  # 128 / 64
+    assert recipe.parse_args(["--hf-checkpoint", "m"]).micro_batch_size == 1  # no token budget: one sample each
+    for flags, message in [
+        (["--num-steps-per-rollout", "3"], "--num-steps-per-rollout 3 does not divide 128 samples per rollout"),
+        (["--global-batch-size", "64", "--num-steps-per-rollout", "4"], "must divide the 128 samples per rollout"),
+        (["--global-batch-size", "48"], "--global-batch-size 48 must divide the 128 samples"),
+        (["--hf-checkpoint", "m", "--use-dynamic-batch-size"], "--use-dynamic-batch-size needs --max-tokens-per-gpu"),
+    ]:
+        with pytest.raises(SystemExit):
+            recipe.parse_args(flags)
+        assert message in capsys.readouterr().err, flags
+
+
 def _by_rollout(records):
     """The last record per rollout id (a step killed after logging but before saving is logged twice)."""
     out = {}

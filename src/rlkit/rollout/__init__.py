@@ -9,4 +9,5 @@ Modules (import the one you need; this package imports nothing heavy):
 - ``buffer``: the partial-rollout buffer (``PartialRolloutBuffer``, ``pop_first``).
 - ``engines``: the ``RolloutEngine`` protocol, the embedded PyTorch engine and the SGLang client.
 - ``manager``: one rollout step (over-sampling, filtering, partial rollouts) and one eval step.
+- ``prefetch``: ``RolloutPrefetcher``, rollouts on demand or one ahead in a thread (``--async``), resumable.
 """
