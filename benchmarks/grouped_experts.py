@@ -4,7 +4,9 @@ One rank's experts of a MoE layer at the seeds' widths (default: Qwen3-30B-A3B a
 hidden 2048 / width 768), bf16, tokens routed to the local experts with a skewed (Zipf-like) split, as a
 router produces. ``loop`` is ``swiglu_experts_reference``: per expert F.linear, SwiGLU, scale, F.linear on its
 slice (megatron-core's ``SequentialMLP`` does the same, after reading the counts back to the host, which the
-loop here also needs: its counts are a host list); ``grouped`` is ``grouped_swiglu_experts``. Both get the same
+loop here also needs: its counts are a host list); ``grouped`` is ``grouped_swiglu_experts`` on stacked ``[E, N, K]``
+weights; the two ``per-expert weights`` rows give it one tensor per expert, as megatron's ``local_experts`` are,
+with the stack kept for the backward or stacked again there (``save_stacked_weights``). All get the same
 inputs and upstream gradient; the table prints the median time of ``--steps`` after warm-ups, the achieved
 TFLOP/s (3 GEMMs forward, 6 backward: ``6 * 2 * T * H * 3F`` FLOPs), and the largest difference of the outputs.
 
@@ -70,17 +72,28 @@ def main() -> None:
     fc2.requires_grad_()
     upstream = torch.randn(args.tokens, args.hidden, generator=g).to(device, dtype)
     counts_device = torch.tensor(counts, device=device)
+    # megatron's experts are separate parameters: the grouped path stacks them (kept for backward, or re-stacked)
+    fc1_list = [w.detach().clone().requires_grad_() for w in fc1.unbind(0)]
+    fc2_list = [w.detach().clone().requires_grad_() for w in fc2.unbind(0)]
     paths = {
-        "loop": lambda: swiglu_experts_reference(x, counts, probs, fc1, fc2),
-        "grouped": lambda: grouped_swiglu_experts(x, counts_device, probs, fc1, fc2),
+        "loop": (lambda: swiglu_experts_reference(x, counts, probs, fc1, fc2), (fc1, fc2)),
+        "grouped": (lambda: grouped_swiglu_experts(x, counts_device, probs, fc1, fc2), (fc1, fc2)),
+        "grouped, per-expert weights, stack kept": (
+            lambda: grouped_swiglu_experts(x, counts_device, probs, fc1_list, fc2_list, save_stacked_weights=True),
+            (*fc1_list, *fc2_list),
+        ),
+        "grouped, per-expert weights, re-stacked": (
+            lambda: grouped_swiglu_experts(x, counts_device, probs, fc1_list, fc2_list),
+            (*fc1_list, *fc2_list),
+        ),
     }
     flops = 6 * 2 * args.tokens * args.hidden * 3 * args.width
     outputs, rows = {}, []
-    for name, forward in paths.items():
+    for name, (forward, weights) in paths.items():
         outputs[name] = forward().detach()
 
-        def step(forward=forward):
-            torch.autograd.grad(forward(), (x, probs, fc1, fc2), upstream)
+        def step(forward=forward, weights=weights):
+            torch.autograd.grad(forward(), (x, probs, *weights), upstream)
 
         seconds = _time(step, args.steps, device)
         rows.append(dict(path=name, ms=round(seconds * 1e3, 3), tflops=round(flops / seconds / 1e12, 1)))
@@ -89,7 +102,7 @@ def main() -> None:
     print(header, f"tokens={args.tokens} hidden={args.hidden} width={args.width} experts={args.experts}")
     print(f"counts per expert: {counts}")
     for row in rows:
-        print(f"{row['path']:>8}  {row['ms']:9.3f} ms  {row['tflops']:7.1f} TFLOP/s")
+        print(f"{row['path']:>40}  {row['ms']:9.3f} ms  {row['tflops']:7.1f} TFLOP/s")
     print(f"loop / grouped time: {rows[0]['ms'] / rows[1]['ms']:.2f}x; max |grouped - loop| = {difference:.3e}")
     if args.out:
         with open(args.out, "w") as f:

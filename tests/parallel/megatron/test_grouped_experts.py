@@ -77,7 +77,17 @@ def test_per_expert_weights_are_not_kept_stacked_for_the_backward():
     assert tuple(fc1.shape) not in saved_shapes and tuple(fc2.shape) not in saved_shapes, saved_shapes
     assert tuple(w1[0].shape) in saved_shapes  # the experts' own weights are what the backward keeps
     out.sum().backward()
-    assert all(w.grad is not None for w in w1 + w2)
+    grads = [w.grad.clone() for w in w1 + w2]
+    # save_stacked_weights=True keeps the stacks instead, and the gradients are the same
+    saved_shapes.clear()
+    for w in w1 + w2:
+        w.grad = None
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = grouped_swiglu_experts(x, torch.tensor(COUNTS), probs, w1, w2, save_stacked_weights=True)
+    assert tuple(fc1.shape) in saved_shapes and tuple(fc2.shape) in saved_shapes, saved_shapes
+    out.sum().backward()
+    for w, want in zip(w1 + w2, grads, strict=True):
+        torch.testing.assert_close(w.grad, want, rtol=0, atol=0)
 
 
 def test_weights_evenly_spaced_in_one_buffer_are_stacked_without_a_copy():

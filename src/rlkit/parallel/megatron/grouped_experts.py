@@ -66,16 +66,19 @@ class _GroupedLinear(torch.autograd.Function):
     """``y[rows of e] = x[rows of e] @ W_e^T`` for groups ending at ``offs``; gradients as grouped GEMMs too.
 
     The weights come either stacked (one ``[E, N, K]`` tensor) or one ``[N, K]`` tensor per expert (megatron's
-    ``local_experts``). Per-expert weights are stacked for the GEMM and stacked again in the backward rather than
-    saved: a saved stack would keep a copy of every MoE layer's expert weights alive until its backward (4.8 GiB
-    for 4 Qwen3-30B-A3B layers at EP1); the re-stack costs one weight-sized copy instead. Where the experts'
-    weights already lie evenly spaced in one storage (a gradient-buffer layout), the stack is a strided view.
+    ``local_experts``). Per-expert weights are stacked for the GEMM; with ``save_stacked`` the stack is kept for
+    the backward, otherwise the backward stacks them again: a kept stack is one more copy of the layer's expert
+    weights alive until its backward (4.5 GiB for 4 Qwen3-30B-A3B layers at EP1 without recompute), a re-stack
+    one more weight-sized copy in time. Where the experts' weights lie evenly spaced in one storage (a gradient-
+    buffer layout), the stack is a strided view and costs neither.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, offs: Tensor, *weights: Tensor) -> Tensor:
-        ctx.save_for_backward(x, offs, *weights)
-        return _grouped_mm()(x, _stacked(weights).transpose(-2, -1), offs=offs)
+    def forward(ctx, x: Tensor, offs: Tensor, save_stacked: bool, *weights: Tensor) -> Tensor:
+        stacked = _stacked(weights)
+        ctx.num_weights = len(weights)
+        ctx.save_for_backward(x, offs, *((stacked,) if save_stacked else weights))
+        return _grouped_mm()(x, stacked.transpose(-2, -1), offs=offs)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -83,8 +86,8 @@ class _GroupedLinear(torch.autograd.Function):
         grad = grad.contiguous()
         grad_x = _grouped_mm()(grad, _stacked(weights), offs=offs)  # [R, N] x [E, N, K] -> [R, K]
         grad_weight = _grouped_mm()(grad.t(), x, offs=offs)  # [N, R] x [R, K] per group -> [E, N, K]
-        grad_weights = (grad_weight,) if len(weights) == 1 and weights[0].dim() == 3 else grad_weight.unbind(0)
-        return grad_x, None, *grad_weights
+        grad_weights = grad_weight.unbind(0) if ctx.num_weights > 1 else (grad_weight,)
+        return grad_x, None, None, *grad_weights
 
 
 def _stacked(weights: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
@@ -128,6 +131,7 @@ def grouped_swiglu_experts(
     fc1_weight: Tensor | Sequence[Tensor],
     fc2_weight: Tensor | Sequence[Tensor],
     *,
+    save_stacked_weights: bool = False,
     align: int = 8,
 ) -> Tensor:
     """:func:`swiglu_experts_reference` as two grouped GEMMs on a group-padded copy of the tokens.
@@ -135,8 +139,10 @@ def grouped_swiglu_experts(
     Args:
         x, probs: as for the reference.
         fc1_weight, fc2_weight: as for the reference (``[E, 2F, H]``, ``[E, H, F]``), or a sequence of ``E``
-            per-expert ``[2F, H]`` / ``[H, F]`` tensors, which then get their own gradients without a stacked
-            copy being kept for the backward.
+            per-expert ``[2F, H]`` / ``[H, F]`` tensors, which then get their own gradients.
+        save_stacked_weights: per-expert weights only: keep their stacked copy for the backward (faster, one
+            copy of the expert weights alive until the backward) instead of stacking them again there. Worth it
+            when few layers hold saved tensors at once (full recompute).
         tokens_per_expert: ``[E]`` int counts (any device; never read on the host).
         align: rows each group is padded to (8: 16 bytes of bf16).
 
@@ -158,10 +164,10 @@ def grouped_swiglu_experts(
     offs = torch.cat([torch.cumsum(padded, 0)[:-1], torch.tensor([rows], device=device)]).to(torch.int32)
     x_rows = x.new_zeros(rows, x.shape[1]).index_copy(0, dest, x)
     p_rows = probs.new_zeros(rows).index_copy(0, dest, probs)
-    gate, up = _GroupedLinear.apply(x_rows, offs, *fc1).chunk(2, dim=-1)
+    gate, up = _GroupedLinear.apply(x_rows, offs, save_stacked_weights, *fc1).chunk(2, dim=-1)
     act = F.silu(gate) * up
     act = (act * p_rows.unsqueeze(-1)).to(act.dtype)
-    return _GroupedLinear.apply(act, offs, *fc2).index_select(0, dest)
+    return _GroupedLinear.apply(act, offs, save_stacked_weights, *fc2).index_select(0, dest)
 
 
 @functools.cache
@@ -185,7 +191,16 @@ def grouped_sequential_mlp_class():
             fc2 = [expert.linear_fc2.weight for expert in self.local_experts]
             if not torch.is_tensor(tokens_per_expert):
                 tokens_per_expert = torch.tensor(tokens_per_expert)
-            out = grouped_swiglu_experts(permuted_local_hidden_states, tokens_per_expert, permuted_probs, fc1, fc2)
+            # Under full recompute only the layers being recomputed hold saved tensors: keep the stack there.
+            recomputed = self.config.recompute_granularity == "full" and self.config.recompute_method == "uniform"
+            out = grouped_swiglu_experts(
+                permuted_local_hidden_states,
+                tokens_per_expert,
+                permuted_probs,
+                fc1,
+                fc2,
+                save_stacked_weights=recomputed,
+            )
             return out, None
 
         def _grouped_ok(self, x: Tensor) -> bool:
