@@ -121,6 +121,10 @@ def test_qwen3_moe_with_grouped_experts_equals_the_loop_and_hf():
         grouped = megatron_model.build_gpt_model(hf.config, hf_state_dict=hf.state_dict())  # the default
         assert type(grouped.decoder.layers[0].mlp.experts).__name__ == "GroupedSequentialMLP"
         assert type(loop.decoder.layers[0].mlp.experts).__name__ == "SequentialMLP"
+        # build_gpt_model packs each layer's expert weights into one buffer: the grouped GEMM reads a view
+        for layer in grouped.decoder.layers:
+            fc1 = [expert.linear_fc1.weight for expert in layer.mlp.experts.local_experts]
+            assert grouped_experts._stacked(fc1).data_ptr() == fc1[0].data_ptr()
         samples = [torch.randint(1, 128, (n,)) for n in (11, 4, 17)]
         micro = pack_thd(samples, [1, 1, 1])
         upstream = torch.randn(micro.input_ids.shape[0], 128)

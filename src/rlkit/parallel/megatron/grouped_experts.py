@@ -140,9 +140,9 @@ def grouped_swiglu_experts(
         x, probs: as for the reference.
         fc1_weight, fc2_weight: as for the reference (``[E, 2F, H]``, ``[E, H, F]``), or a sequence of ``E``
             per-expert ``[2F, H]`` / ``[H, F]`` tensors, which then get their own gradients.
-        save_stacked_weights: per-expert weights only: keep their stacked copy for the backward (faster, one
-            copy of the expert weights alive until the backward) instead of stacking them again there. Worth it
-            when few layers hold saved tensors at once (full recompute).
+        save_stacked_weights: per-expert weights only: keep their stack for the backward instead of stacking them
+            again there; free when they lie evenly spaced in one buffer (:func:`pack_local_expert_weights`), else
+            one copy of the expert weights alive until the backward.
         tokens_per_expert: ``[E]`` int counts (any device; never read on the host).
         align: rows each group is padded to (8: 16 bytes of bf16).
 
@@ -191,15 +191,16 @@ def grouped_sequential_mlp_class():
             fc2 = [expert.linear_fc2.weight for expert in self.local_experts]
             if not torch.is_tensor(tokens_per_expert):
                 tokens_per_expert = torch.tensor(tokens_per_expert)
-            # Under full recompute only the layers being recomputed hold saved tensors: keep the stack there.
-            recomputed = self.config.recompute_granularity == "full" and self.config.recompute_method == "uniform"
+            # With the weights packed (pack_local_expert_weights) the stack is a view of them and keeping it costs
+            # nothing; otherwise (e.g. re-pointed into megatron's DistributedOptimizer buffer, experts interleaved
+            # in reverse) keeping it trades one copy of the layer's expert weights for the time of a re-stack.
             out = grouped_swiglu_experts(
                 permuted_local_hidden_states,
                 tokens_per_expert,
                 permuted_probs,
                 fc1,
                 fc2,
-                save_stacked_weights=recomputed,
+                save_stacked_weights=True,
             )
             return out, None
 
@@ -224,6 +225,32 @@ def grouped_sequential_mlp_class():
             )
 
     return GroupedSequentialMLP
+
+
+def pack_local_expert_weights(model: torch.nn.Module) -> int:
+    """Lay each grouped-expert layer's ``fc1`` and ``fc2`` weights out as one ``[E, N, K]`` buffer each.
+
+    The parameters stay separate ``Parameter`` objects with their names (checkpoints, optimizers and megatron's
+    DDP see no difference); only their storage becomes consecutive slices of one buffer, so the grouped GEMM
+    reads them as a strided view instead of stacking a copy every forward. Call it after the model is on its
+    device and before any wrapper re-points parameter storage (``model.to`` to another device undoes it, which
+    is still correct, only slower).
+
+    Returns:
+        The number of expert layers packed.
+    """
+    grouped_class = grouped_sequential_mlp_class()
+    packed = 0
+    for module in model.modules():
+        if not isinstance(module, grouped_class) or module.num_local_experts < 2:
+            continue
+        for linear in ("linear_fc1", "linear_fc2"):
+            weights = [getattr(expert, linear).weight for expert in module.local_experts]
+            buffer = torch.stack([w.detach() for w in weights])
+            for weight, part in zip(weights, buffer.unbind(0), strict=True):
+                weight.data = part
+        packed += 1
+    return packed
 
 
 def with_grouped_experts(layer_spec):

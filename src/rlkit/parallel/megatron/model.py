@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rlkit._optional import require
+from rlkit.parallel.megatron.grouped_experts import pack_local_expert_weights
 from rlkit.parallel.megatron.spec import FusedRMSNorm, gpt_layer_spec
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
@@ -387,6 +388,7 @@ def build_gpt_model(
     model = model.to(device)
     # inv_freq is a plain attribute (not a buffer) that .to() leaves behind; place it with the weights.
     model.rotary_pos_emb.inv_freq = model.rotary_pos_emb.inv_freq.to(device)
+    pack_local_expert_weights(model)
     return model
 
 
