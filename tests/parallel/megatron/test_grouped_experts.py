@@ -158,6 +158,45 @@ def test_qwen3_moe_with_grouped_experts_equals_the_loop_and_hf():
             torch.distributed.destroy_process_group()
 
 
+def test_packed_expert_weights_export_to_hf_safetensors_unchanged(tmp_path):
+    """Packed experts are views of one buffer: the HF export and its safetensors shards still hold each expert."""
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install 'rlkit[megatron]')")
+    from rlkit.ckpt.convert import megatron_to_hf
+    from rlkit.ckpt.hf import SafetensorsWriter, iter_safetensors
+    from rlkit.models.tiny import build_tiny_qwen3_moe
+    from rlkit.parallel.megatron import model as megatron_model
+
+    megatron_model.init_model_parallel()
+    try:
+        hf = build_tiny_qwen3_moe(seed=5)
+        model = megatron_model.build_gpt_model(hf.config, hf_state_dict=hf.state_dict())
+        config = hf.config.to_dict()
+        exported = megatron_to_hf(
+            {(0, 0, 0): model.state_dict()}, config, layout=megatron_model.megatron_layout(model.config)
+        )
+        storages = [t.untyped_storage().data_ptr() for t in exported.values()]
+        assert len(set(storages)) < len(storages)  # the exported experts are views of the packed buffers
+        writer = SafetensorsWriter(tmp_path, max_shard_bytes=1 << 16)  # several shards, experts split across them
+        for name, tensor in exported.items():
+            writer.add(name, tensor)
+        writer.close()
+        written = dict(iter_safetensors(tmp_path))
+        want = megatron_to_hf(
+            {(0, 0, 0): {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}},  # unpacked
+            config,
+            layout=megatron_model.megatron_layout(model.config),
+        )
+        assert written.keys() == want.keys()
+        for name, tensor in want.items():
+            torch.testing.assert_close(written[name], tensor, rtol=0, atol=0, msg=name)
+    finally:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def _counted(calls, fn, *args, **kwargs):
     calls.append(1)
     return fn(*args, **kwargs)
