@@ -113,14 +113,16 @@ def _grouped_mm():
 def grouped_mm_is_fast(device: torch.device) -> bool:
     """Whether ``device`` runs the grouped GEMM as one kernel without reading the group sizes on the host.
 
-    CUDA from compute capability 9.0 (Hopper's grouped kernel). Ampere's is a per-group loop with a host read
-    of the offsets (torch's fallback), no better than megatron's loop; on the CPU the same fallback is exact and
-    is what the CPU tests exercise, so it counts as usable there.
+    NVIDIA CUDA from compute capability 9.0 (Hopper's grouped kernel; measured on H100). Ampere's is a per-group
+    loop with a host read of the offsets (torch's fallback), no better than megatron's loop; ROCm is left to
+    megatron's loop (not tested). On the CPU the same fallback is exact and is what the CPU tests exercise, so it
+    counts as usable there.
     """
     if not (hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")):
         return False
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (9, 0)
+        # ROCm reports gfx9 as capability 9.x too; its grouped GEMM support is not what this checks.
+        return torch.version.hip is None and torch.cuda.get_device_capability(device) >= (9, 0)
     return device.type == "cpu"
 
 
