@@ -228,7 +228,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------------------
-# 2. Setup: tokenizer, policy, reference, data, reward, engine.
+# 2. Setup: tokenizer and policy, data, reward, packer, loss, lr schedule, engine, eval sets, SFT warm start.
 # ----------------------------------------------------------------------------------------------------
 
 TINY_MODEL = dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
@@ -256,106 +256,12 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
     return tuple(sorted(i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id))
 
 
-def build_engine(args, policy, tokenizer, output_dir: Path, *, engine_device: torch.device | None = None):
-    """The rollout engine: in this process (--colocate), in its own process (on ``engine_device``, default the
-    policy's), or an SGLang server."""
-    if args.rollout_backend == "sglang":  # weights reach the server through files it reloads
-        config = SGLangClientConfig(urls=(args.sglang_router_url,), server_concurrency=args.sglang_server_concurrency)
-        weights_dir = output_dir / "sglang_weights"  # a loadable HF directory: config, tokenizer, weights
-        policy.config.save_pretrained(weights_dir)
-        tokenizer.save_pretrained(weights_dir)
-        return SGLangEngine(config, tokenizer=tokenizer, weights_dir=str(weights_dir))
-    if args.colocate:
-        engine_model = copy.deepcopy(policy).eval()  # generation never sees half-updated training weights
-        return EmbeddedEngine(engine_model, tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id or 0)
-    engine_device = engine_device or next(policy.parameters()).device
-    if engine_device.type == "cpu":  # split the cores between trainer and engine
-        threads = max(1, torch.get_num_threads() // 2)
-        torch.set_num_threads(threads)
-        os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the spawned engine process at start
-    export = output_dir / "engine_init"  # the child process loads the same weights from an HF export
-    policy.save_pretrained(export, safe_serialization=True)
-    tokenizer.save_pretrained(export)
-    return ProcessEngine(
-        "rlkit.rollout.engines.embedded:from_pretrained",
-        {"path": str(export), "device": str(engine_device)},
-    )
-
-
-# ----------------------------------------------------------------------------------------------------
-# 3. Training on one global batch: packed micro-batches, exact global normalizer.
-# ----------------------------------------------------------------------------------------------------
-
-
-def train_step(model, optimizer, samples, packer, loss_config, args, *, pad_id) -> dict[str, float]:
-    """One optimizer step over one global batch (exact under any packing, see rlkit.parallel.hf)."""
-    metrics = accumulate_policy_gradients(model, samples, packer, loss_config, pad_id=pad_id,
-                                          temperature=args.rollout_temperature,
-                                          max_response_len=args.rollout_max_response_len)  # fmt: skip
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return metrics | {"grad_norm": float(grad_norm)}
-
-
-def sampling_params(args, stops, *, seed, eval_set: bool = False) -> SamplingParams:
-    """The ``--rollout-*`` sampling; for an eval set, ``--eval-temperature / -top-p / -max-response-len`` if set."""
-    temperature, top_p, max_new_tokens = args.rollout_temperature, args.rollout_top_p, args.rollout_max_response_len
-    if eval_set:
-        temperature = args.eval_temperature if args.eval_temperature is not None else temperature
-        top_p = args.eval_top_p if args.eval_top_p is not None else top_p
-        max_new_tokens = args.eval_max_response_len or max_new_tokens
-    return SamplingParams(temperature=temperature, top_p=top_p, top_k=args.rollout_top_k,
-                          max_new_tokens=max_new_tokens, stop_token_ids=stops, seed=seed)  # fmt: skip
-
-
-def build_eval_sets(args, tokenizer, stops) -> list[EvalDataset]:
-    """``--eval-prompt-data PATH`` or ``NAME PATH [NAME PATH ...]`` -> named eval sets (all prompts each)."""
-    spec = args.eval_prompt_data or []
-    if len(spec) == 1:
-        spec = [Path(spec[0]).stem, spec[0]]
-    if len(spec) % 2:
-        raise SystemExit(f"--eval-prompt-data takes PATH or NAME PATH pairs, got {spec}")
-    sets = []
-    for name, path in zip(spec[::2], spec[1::2], strict=True):
-        data = PromptDataset(path, tokenizer=tokenizer, input_key=args.input_key, label_key=args.label_key,
-                             apply_chat_template=args.apply_chat_template)  # fmt: skip
-        sets.append(EvalDataset(name=name, prompts=data.next_batch(len(data)),
-                                n_samples_per_prompt=args.n_samples_per_eval_prompt or 1,
-                                sampling=sampling_params(args, stops, seed=args.seed, eval_set=True)))  # fmt: skip
-    return sets
-
-
-def evaluate(engine, eval_sets, score, *, rollout_id) -> dict[str, float]:
-    metrics, _ = eval_step(engine=engine, datasets=eval_sets, reward_fn=score)
-    return {"rollout_id": rollout_id, **metrics} if rollout_id == 0 else metrics
-
-
-def estimate_advantages(args, rewards: torch.Tensor) -> torch.Tensor:
-    """Per-sample advantages ``[B]`` from rewards ``[B]`` (groups of ``n_samples_per_prompt``)."""
-    estimator = get_advantage_estimator(args.advantage_estimator)
-    kwargs = {"normalize_std": not args.disable_grpo_std_normalization} if args.advantage_estimator == "grpo" else {}
-    return estimator(rewards, n_samples_per_prompt=args.n_samples_per_prompt, **kwargs)
-
-
-def lr_schedule(args):
-    """Multiplier of ``--lr`` per optimizer step: ``--lr-warmup-iters`` linear warmup, then ``--lr-decay-style``."""
-    return warmup_decay_schedule(num_steps=args.num_rollout * args.num_steps_per_rollout,
-                                 warmup_steps=args.lr_warmup_iters, decay_style=args.lr_decay_style)  # fmt: skip
-
-
 def build_dataset(args, tokenizer) -> PromptDataset:
-    return PromptDataset(
-        args.prompt_data,
-        tokenizer=tokenizer,
-        input_key=args.input_key,
-        label_key=args.label_key,
-        metadata_key=args.metadata_key,
-        apply_chat_template=args.apply_chat_template,
-        max_prompt_len=args.rollout_max_prompt_len,
-        shuffle=args.rollout_shuffle,
-        seed=args.rollout_seed,
-    )
+    """The ``--prompt-data`` prompts in a seeded order (``--rollout-shuffle``), resumable (``state_dict``)."""
+    return PromptDataset(args.prompt_data, tokenizer=tokenizer, input_key=args.input_key, label_key=args.label_key,
+                         metadata_key=args.metadata_key, apply_chat_template=args.apply_chat_template,
+                         max_prompt_len=args.rollout_max_prompt_len, shuffle=args.rollout_shuffle,
+                         seed=args.rollout_seed)  # fmt: skip
 
 
 def build_scorer(args):
@@ -388,6 +294,55 @@ def build_loss_config(args) -> PolicyLossConfig:
     )
 
 
+def lr_schedule(args):
+    """Multiplier of ``--lr`` per optimizer step: ``--lr-warmup-iters`` linear warmup, then ``--lr-decay-style``."""
+    return warmup_decay_schedule(num_steps=args.num_rollout * args.num_steps_per_rollout,
+                                 warmup_steps=args.lr_warmup_iters, decay_style=args.lr_decay_style)  # fmt: skip
+
+
+def build_engine(args, policy, tokenizer, output_dir: Path, *, engine_device: torch.device | None = None):
+    """The rollout engine: in this process (--colocate), in its own process (on ``engine_device``, default the
+    policy's), or an SGLang server."""
+    if args.rollout_backend == "sglang":  # weights reach the server through files it reloads
+        config = SGLangClientConfig(urls=(args.sglang_router_url,), server_concurrency=args.sglang_server_concurrency)
+        weights_dir = output_dir / "sglang_weights"  # a loadable HF directory: config, tokenizer, weights
+        policy.config.save_pretrained(weights_dir)
+        tokenizer.save_pretrained(weights_dir)
+        return SGLangEngine(config, tokenizer=tokenizer, weights_dir=str(weights_dir))
+    if args.colocate:
+        engine_model = copy.deepcopy(policy).eval()  # generation never sees half-updated training weights
+        return EmbeddedEngine(engine_model, tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id or 0)
+    engine_device = engine_device or next(policy.parameters()).device
+    if engine_device.type == "cpu":  # split the cores between trainer and engine
+        threads = max(1, torch.get_num_threads() // 2)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # read by the spawned engine process at start
+    export = output_dir / "engine_init"  # the child process loads the same weights from an HF export
+    policy.save_pretrained(export, safe_serialization=True)
+    tokenizer.save_pretrained(export)
+    return ProcessEngine(
+        "rlkit.rollout.engines.embedded:from_pretrained",
+        {"path": str(export), "device": str(engine_device)},
+    )
+
+
+def build_eval_sets(args, tokenizer, stops) -> list[EvalDataset]:
+    """``--eval-prompt-data PATH`` or ``NAME PATH [NAME PATH ...]`` -> named eval sets (all prompts each)."""
+    spec = args.eval_prompt_data or []
+    if len(spec) == 1:
+        spec = [Path(spec[0]).stem, spec[0]]
+    if len(spec) % 2:
+        raise SystemExit(f"--eval-prompt-data takes PATH or NAME PATH pairs, got {spec}")
+    sets = []
+    for name, path in zip(spec[::2], spec[1::2], strict=True):
+        data = PromptDataset(path, tokenizer=tokenizer, input_key=args.input_key, label_key=args.label_key,
+                             apply_chat_template=args.apply_chat_template)  # fmt: skip
+        sets.append(EvalDataset(name=name, prompts=data.next_batch(len(data)),
+                                n_samples_per_prompt=args.n_samples_per_eval_prompt or 1,
+                                sampling=sampling_params(args, stops, seed=args.seed, eval_set=True)))  # fmt: skip
+    return sets
+
+
 def warm_start_if_needed(args, policy, dataset, tokenizer, score, stops) -> None:
     """SFT on ``\\boxed{label}`` answers when the untrained policy earns no reward on a probe batch (a random model)."""
     if not args.sft_warmup_steps:
@@ -412,6 +367,22 @@ def warm_start_if_needed(args, policy, dataset, tokenizer, score, stops) -> None
         sft_optimizer.step()
         sft_optimizer.zero_grad(set_to_none=True)
     print(f"[rlkit] SFT warm-start done, final loss {float(loss.detach()):.3f}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Rollout: sampling, one rollout step (over-sampling, filter, partial rollouts), graded samples, advantages.
+# ----------------------------------------------------------------------------------------------------
+
+
+def sampling_params(args, stops, *, seed, eval_set: bool = False) -> SamplingParams:
+    """The ``--rollout-*`` sampling; for an eval set, ``--eval-temperature / -top-p / -max-response-len`` if set."""
+    temperature, top_p, max_new_tokens = args.rollout_temperature, args.rollout_top_p, args.rollout_max_response_len
+    if eval_set:
+        temperature = args.eval_temperature if args.eval_temperature is not None else temperature
+        top_p = args.eval_top_p if args.eval_top_p is not None else top_p
+        max_new_tokens = args.eval_max_response_len or max_new_tokens
+    return SamplingParams(temperature=temperature, top_p=top_p, top_k=args.rollout_top_k,
+                          max_new_tokens=max_new_tokens, stop_token_ids=stops, seed=seed)  # fmt: skip
 
 
 def make_rollout_fn(args, engine, dataset, score, stops, buffer):
@@ -454,6 +425,39 @@ def graded_samples(args, groups, rollout_id) -> tuple[list[Sample], torch.Tensor
     return samples, rewards, reward_errors
 
 
+def estimate_advantages(args, rewards: torch.Tensor) -> torch.Tensor:
+    """Per-sample advantages ``[B]`` from rewards ``[B]`` (groups of ``n_samples_per_prompt``)."""
+    estimator = get_advantage_estimator(args.advantage_estimator)
+    kwargs = {"normalize_std": not args.disable_grpo_std_normalization} if args.advantage_estimator == "grpo" else {}
+    return estimator(rewards, n_samples_per_prompt=args.n_samples_per_prompt, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Training on one global batch: packed micro-batches, exact global normalizer.
+# ----------------------------------------------------------------------------------------------------
+
+
+def train_step(model, optimizer, samples, packer, loss_config, args, *, pad_id) -> dict[str, float]:
+    """One optimizer step over one global batch (exact under any packing, see rlkit.parallel.hf)."""
+    metrics = accumulate_policy_gradients(model, samples, packer, loss_config, pad_id=pad_id,
+                                          temperature=args.rollout_temperature,
+                                          max_response_len=args.rollout_max_response_len)  # fmt: skip
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return metrics | {"grad_norm": float(grad_norm)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Eval, the per-rollout record, checkpoints.
+# ----------------------------------------------------------------------------------------------------
+
+
+def evaluate(engine, eval_sets, score, *, rollout_id) -> dict[str, float]:
+    metrics, _ = eval_step(engine=engine, datasets=eval_sets, reward_fn=score)
+    return {"rollout_id": rollout_id, **metrics} if rollout_id == 0 else metrics
+
+
 def rollout_record(rollout_id, groups, samples, rewards, reward_errors, rollout_metrics, step_metrics, *, elapsed, lr):
     """The flat per-rollout record of ``metrics.jsonl`` (and of the console line)."""
     record = {
@@ -487,7 +491,7 @@ def save(args, policy, optimizer, scheduler, dataset, buffer, history, tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. The loop.
+# 6. The loop.
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -532,10 +536,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         warm_start_if_needed(args, policy, dataset, tokenizer, score, stops)
     loss_config = build_loss_config(args)
-    reference = None
     # Only for a non-zero coefficient; slime builds it (and logs kl_loss) whenever --use-kl-loss is set.
-    if loss_config.use_kl_loss:
-        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False) if loss_config.use_kl_loss else None
     engine = build_engine(args, policy, tokenizer, output_dir)
     where = f"its own process (pid {engine.process.pid})" if isinstance(engine, ProcessEngine) else "this process"
     print(f"[rlkit] rollout engine: {type(engine).__name__} in {where}", flush=True)

@@ -2,7 +2,8 @@
 
 A sibling of the recipe rather than part of it or of the library: every check reads the recipe's argparse namespace
 (slime's flag names), and the list of refusals is long but no part of the algorithm's narrative. ``parse_args``
-collects the problems of the chosen ``--backend`` and rejects them together; nothing is silently ignored.
+collects the problems of the chosen ``--backend`` and rejects them together; nothing is silently ignored. The
+batch-size flags, which depend on one another, are derived and checked here too (``resolve_batch_sizes``).
 """
 
 from __future__ import annotations
