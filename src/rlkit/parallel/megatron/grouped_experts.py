@@ -1,8 +1,9 @@
 """Routed experts as two grouped GEMMs (``torch._grouped_mm``) instead of megatron-core's per-expert loop.
 
 :func:`rlkit.parallel.megatron.spec.gpt_layer_spec` uses it for MoE layers by default (``grouped_experts=True``).
-Measured on an H100 at one EP8 rank of Qwen3-30B-A3B (16 experts, hidden 2048, width 768, 8K routed tokens, bf16,
-forward + backward): 2.2 ms against 10.7 ms for the loop (``benchmarks/grouped_experts.py``, RESULTS.md).
+Measured on an H100 (RESULTS.md): one EP8 rank of Qwen3-30B-A3B (16 experts, hidden 2048, width 768, 8K routed
+tokens, bf16, forward + backward) 2.2 ms against 10.7 ms for the loop (``benchmarks/grouped_experts.py``); a GRPO
+step of 4 Qwen3-30B-A3B layers with all 128 experts on the GPU 6.5x the loop (``benchmarks/megatron_step.py``).
 
 The technique
 -------------
@@ -162,8 +163,9 @@ def grouped_swiglu_experts(
     expert_of = torch.repeat_interleave(torch.arange(num_experts, device=device), counts, output_size=num_tokens)
     dest = torch.arange(num_tokens, device=device) - starts[expert_of] + padded_starts[expert_of]
     rows = -(-(num_tokens + (align - 1) * num_experts) // align) * align
-    # Group ends; the last group runs to the buffer's end, so every row belongs to a group.
-    offs = torch.cat([torch.cumsum(padded, 0)[:-1], torch.tensor([rows], device=device)]).to(torch.int32)
+    # Group ends; the last group runs to the buffer's end, so every row belongs to a group (a fill, no copy from host).
+    offs = torch.cumsum(padded, 0).to(torch.int32)
+    offs[-1] = rows
     x_rows = x.new_zeros(rows, x.shape[1]).index_copy(0, dest, x)
     p_rows = probs.new_zeros(rows).index_copy(0, dest, probs)
     gate, up = _GroupedLinear.apply(x_rows, offs, save_stacked_weights, *fc1).chunk(2, dim=-1)
