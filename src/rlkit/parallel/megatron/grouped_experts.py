@@ -7,11 +7,12 @@ step of 4 Qwen3-30B-A3B layers with all 128 experts on the GPU 6.5x the loop (``
 
 The technique
 -------------
-megatron-core's local spec runs a MoE layer's routed experts with ``SequentialMLP``: it reads the tokens per
-expert back to the host (``tokens_per_expert.tolist()``, a GPU synchronisation per layer) and launches three
-GEMMs per local expert on its slice of the permuted tokens. With 8-16 experts per GPU (the MoE seeds) that
-is 24-48 small GEMMs per layer. A grouped GEMM does each projection of all experts in one kernel
-(``out[rows of e] = x[rows of e] @ W_e^T``), with the group boundaries read on the device.
+megatron-core's local spec runs a MoE layer's routed experts with ``SequentialMLP``: it splits the permuted
+tokens by the tokens-per-expert counts on the host and launches three GEMMs per local expert on its slice. With
+8-16 experts per GPU (the MoE seeds) that is 24-48 small GEMMs per layer, 384 at 128 experts. A grouped GEMM
+does each projection of all experts in one kernel (``out[rows of e] = x[rows of e] @ W_e^T``), with the group
+boundaries read on the device. (megatron's allgather token dispatcher, which rlkit uses, still moves the counts
+to the host once per layer for its own permutation; the grouped experts add no host read of their own.)
 
 Hopper's grouped GEMM loads through TMA, which needs every group's start row 16-byte aligned (8 rows in
 bf16) for the weight gradient, where the token dimension is contracted group by group. The permuted tokens
