@@ -201,7 +201,7 @@ def _layouts():
 
 @pytest.mark.parametrize("layout", list(_layouts()))
 def test_strided_stack_equals_torch_stack(layout):
-    """``_stacked`` returns ``torch.stack``'s values in expert order; a view only where the weights are evenly spaced."""
+    """``_stacked`` gives ``torch.stack``'s values in expert order; a view only where they lie evenly spaced."""
     weights, expect_view = _layouts()[layout]
     got = grouped_experts._stacked(weights)
     torch.testing.assert_close(got, torch.stack(weights), rtol=0, atol=0)
