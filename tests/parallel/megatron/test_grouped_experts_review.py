@@ -18,18 +18,25 @@ from rlkit.parallel.megatron import grouped_experts
 VOCAB = 128
 
 
-@pytest.fixture(scope="module")
-def moe(megatron_world):
-    """The tiny Qwen3-MoE, a packed micro-batch, an upstream gradient and the loop model's parameter gradients."""
+def _problem():
+    """The tiny Qwen3-MoE (8 experts, 2 layers), a packed micro-batch of 3 samples and an upstream logit gradient."""
     from rlkit.models.tiny import build_tiny_qwen3_moe
     from rlkit.parallel.layouts import pack_thd
-    from rlkit.parallel.megatron.forward import megatron_forward
-    from rlkit.parallel.megatron.model import build_gpt_model
 
     hf = build_tiny_qwen3_moe(seed=3)
     g = torch.Generator().manual_seed(0)
     micro = pack_thd([torch.randint(1, VOCAB, (n,), generator=g) for n in (11, 4, 17)], [1, 1, 1])
     upstream = torch.randn(micro.input_ids.shape[0], VOCAB, generator=g)
+    return hf, micro, upstream
+
+
+@pytest.fixture(scope="module")
+def moe(megatron_world):
+    """:func:`_problem` and the loop model's parameter gradients (megatron's ``SequentialMLP``, one process)."""
+    from rlkit.parallel.megatron.forward import megatron_forward
+    from rlkit.parallel.megatron.model import build_gpt_model
+
+    hf, micro, upstream = _problem()
     loop = build_gpt_model(hf.config, hf_state_dict=hf.state_dict(), grouped_experts=False)
     (megatron_forward(loop)(micro).float()[:, :VOCAB] * upstream).sum().backward()
     loop_grads = {name: p.grad.clone() for name, p in loop.named_parameters()}
@@ -91,6 +98,51 @@ def test_megatron_ddp_main_grads_equal_the_loop(moe, monkeypatch, use_distribute
         want = loop_grads[name]
         # float32, the expert sums in another order: ~1e-7 of each gradient's own scale
         torch.testing.assert_close(param.main_grad, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()), msg=name)
+
+
+def _ep2_ddp_worker(rank: int, results, loop_grads) -> None:
+    import re
+
+    import megatron.core.distributed.distributed_data_parallel as ddp_module
+    import megatron.core.distributed.param_and_grad_buffer as buffer_module
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from rlkit.parallel.megatron.distributed import _CpuTorch
+    from rlkit.parallel.megatron.forward import megatron_forward
+    from rlkit.parallel.megatron.model import build_gpt_model, init_model_parallel
+
+    buffer_module.torch = ddp_module.torch = _CpuTorch()  # this process only
+    init_model_parallel(expert_model_parallel_size=2)  # 4 local experts per rank; DP2 for the dense weights
+    hf, micro, upstream = _problem()
+    model = build_gpt_model(hf.config, hf_state_dict=hf.state_dict())
+    config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, average_in_collective=False)
+    ddp = DistributedDataParallel(config=model.config, ddp_config=config, module=model)
+    ddp.zero_grad_buffer()
+    (megatron_forward(ddp)(micro).float()[:, :VOCAB] * upstream).sum().backward()
+    ddp.finish_grad_sync()
+    per_rank = _expert_layers(model)[0].num_local_experts
+    errors = {}
+    for name, param in ddp.module.named_parameters():
+        local = re.fullmatch(r"(.*local_experts\.)(\d+)(\..*)", name)
+        global_name = f"{local[1]}{rank * per_rank + int(local[2])}{local[3]}" if local else name
+        # both ranks feed the same micro-batch: every gradient is twice the one-process one (DDP sums over DP;
+        # each expert sees both ranks' tokens through the allgather dispatcher)
+        want = 2 * loop_grads[global_name]
+        errors[name] = float((param.main_grad - want).abs().max() / want.abs().max().clamp_min(1e-30))
+    results[rank] = errors
+    parallel_state.destroy_model_parallel()
+
+
+def test_ep2_megatron_ddp_main_grads_equal_the_loop(moe):
+    """EP2 on 2 gloo ranks under megatron's DDP: each rank's ``main_grad`` == twice the one-process loop's."""
+    from gloo_ranks import run_on_gloo_ranks
+
+    _, _, _, loop_grads = moe
+    results = run_on_gloo_ranks(_ep2_ddp_worker, 2, loop_grads)
+    for rank, errors in sorted(results.items()):
+        worst = max(errors, key=errors.get)
+        assert errors[worst] < 1e-5, (rank, worst, errors[worst])  # float32, sums in another order: ~3e-7
 
 
 @pytest.mark.xfail(
