@@ -276,3 +276,35 @@ def test_load_state_dict_keeps_the_packed_layout(moe):
     for name, tensor in model.state_dict().items():
         if torch.is_tensor(tensor):
             torch.testing.assert_close(tensor, new[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("counts", [[0, 0, 0], [3, 0], [0, 3], [9], [8, 8]], ids=str)
+@pytest.mark.parametrize("save_stacked_weights", [False, True])
+def test_edge_counts_equal_the_float64_loop(counts, save_stacked_weights):
+    """No tokens at all (an EP rank whose experts got none), an empty last or first expert, one expert, full groups.
+
+    Per-expert weights packed in one buffer as ``build_gpt_model`` lays them out, ``save_stacked_weights`` as the
+    module passes it; values and gradients against the float64 per-expert loop.
+    """
+    g = torch.Generator().manual_seed(1)
+    experts, tokens, hidden, width = len(counts), sum(counts), 16, 8
+    x = torch.randn(tokens, hidden, generator=g, requires_grad=True)
+    probs = torch.rand(tokens, generator=g, requires_grad=True)
+    fc1 = torch.randn(experts, 2 * width, hidden, generator=g) / 4
+    fc2 = torch.randn(experts, hidden, width, generator=g) / 4
+    w1 = [torch.nn.Parameter(w) for w in fc1.clone().unbind(0)]  # views of one buffer: the packed layout
+    w2 = [torch.nn.Parameter(w) for w in fc2.clone().unbind(0)]
+    out = grouped_experts.grouped_swiglu_experts(
+        x, torch.tensor(counts), probs, w1, w2, save_stacked_weights=save_stacked_weights
+    )
+    upstream = torch.randn(tokens, hidden, generator=g)
+    grads = torch.autograd.grad((out * upstream).sum(), [x, probs, *w1, *w2], allow_unused=True)
+    ref = [t.detach().double().requires_grad_() for t in (x, probs, fc1, fc2)]
+    want = grouped_experts.swiglu_experts_reference(ref[0], counts, ref[1], ref[2], ref[3])
+    want_grads = torch.autograd.grad((want * upstream.double()).sum(), ref, allow_unused=True)
+    assert out.shape == (tokens, hidden)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+    got = [grads[0], grads[1], torch.stack(grads[2 : 2 + experts]), torch.stack(grads[2 + experts :])]
+    for name, g_got, g_want in zip(("x", "probs", "fc1", "fc2"), got, want_grads, strict=True):
+        g_want = torch.zeros_like(g_got, dtype=torch.float64) if g_want is None else g_want  # no tokens: no graph
+        torch.testing.assert_close(g_got.double(), g_want, rtol=1e-5, atol=1e-6, msg=name)
