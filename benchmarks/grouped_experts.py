@@ -6,7 +6,7 @@ router produces. ``loop`` is ``swiglu_experts_reference``: per expert F.linear, 
 slice (megatron-core's ``SequentialMLP`` does the same, after reading the counts back to the host, which the
 loop here also needs: its counts are a host list); ``grouped`` is ``grouped_swiglu_experts`` on stacked ``[E, N, K]``
 weights; the two ``per-expert weights`` rows give it one tensor per expert, as megatron's ``local_experts`` are,
-with the stack kept for the backward or stacked again there (``save_stacked_weights``). All get the same
+with the stack kept for the backward or stacked again there (``save_stacked_copy``). All get the same
 inputs and upstream gradient; the table prints the median time of ``--steps`` after warm-ups, the achieved
 TFLOP/s (3 GEMMs forward, 6 backward: ``6 * 2 * T * H * 3F`` FLOPs), and the largest difference of the outputs.
 
@@ -79,7 +79,7 @@ def main() -> None:
         "loop": (lambda: swiglu_experts_reference(x, counts, probs, fc1, fc2), (fc1, fc2)),
         "grouped": (lambda: grouped_swiglu_experts(x, counts_device, probs, fc1, fc2), (fc1, fc2)),
         "grouped, per-expert weights, stack kept": (
-            lambda: grouped_swiglu_experts(x, counts_device, probs, fc1_list, fc2_list, save_stacked_weights=True),
+            lambda: grouped_swiglu_experts(x, counts_device, probs, fc1_list, fc2_list, save_stacked_copy=True),
             (*fc1_list, *fc2_list),
         ),
         "grouped, per-expert weights, re-stacked": (

@@ -78,12 +78,12 @@ def test_per_expert_weights_are_not_kept_stacked_for_the_backward():
     assert tuple(w1[0].shape) in saved_shapes  # the experts' own weights are what the backward keeps
     out.sum().backward()
     grads = [w.grad.clone() for w in w1 + w2]
-    # save_stacked_weights=True keeps the stacks instead, and the gradients are the same
+    # save_stacked_copy=True keeps the stacks instead, and the gradients are the same
     saved_shapes.clear()
     for w in w1 + w2:
         w.grad = None
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = grouped_swiglu_experts(x, torch.tensor(COUNTS), probs, w1, w2, save_stacked_weights=True)
+        out = grouped_swiglu_experts(x, torch.tensor(COUNTS), probs, w1, w2, save_stacked_copy=True)
     assert tuple(fc1.shape) in saved_shapes and tuple(fc2.shape) in saved_shapes, saved_shapes
     out.sum().backward()
     for w, want in zip(w1 + w2, grads, strict=True):
@@ -123,8 +123,9 @@ def test_qwen3_moe_with_grouped_experts_equals_the_loop_and_hf():
         assert type(loop.decoder.layers[0].mlp.experts).__name__ == "SequentialMLP"
         # build_gpt_model packs each layer's expert weights into one buffer: the grouped GEMM reads a view
         for layer in grouped.decoder.layers:
-            fc1 = [expert.linear_fc1.weight for expert in layer.mlp.experts.local_experts]
-            assert grouped_experts._stacked(fc1).data_ptr() == fc1[0].data_ptr()
+            for linear in ("linear_fc1", "linear_fc2"):
+                weights = [getattr(expert, linear).weight for expert in layer.mlp.experts.local_experts]
+                assert grouped_experts._stacked(weights).data_ptr() == weights[0].data_ptr(), linear
         samples = [torch.randint(1, 128, (n,)) for n in (11, 4, 17)]
         micro = pack_thd(samples, [1, 1, 1])
         upstream = torch.randn(micro.input_ids.shape[0], 128)

@@ -168,13 +168,6 @@ def test_two_ranks_ep2_ddp_and_tp2_etp1_equal_the_loop(moe):
         assert errors[worst] < 1e-5, (rank, worst, errors[worst])  # float32, sums in another order: <1e-6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GroupedSequentialMLP.forward reads the expert weights without calling the expert modules, so the "
-    "forward pre-hooks megatron's DDP registers per module (overlap_param_gather: wait for the bucket's param "
-    "all-gather) never run for them: the GEMM may read weights still being gathered, and the next "
-    "start_param_sync() fails its `param_gather_handle is None` assertion",
-)
 def test_overlap_param_gather_waits_for_the_expert_weights(moe, monkeypatch):
     """With ``overlap_param_gather`` every bucket's all-gather is waited on before its weights are read."""
     from rlkit.parallel.megatron.forward import megatron_forward
@@ -204,22 +197,7 @@ def test_overlap_param_gather_waits_for_the_expert_weights(moe, monkeypatch):
     assert not pending, f"all-gathers never waited on before the forward read these weights: {pending[:4]}"
 
 
-@pytest.mark.parametrize(
-    "use_distributed_optimizer",
-    [
-        False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="under megatron's DistributedOptimizer (build_distributed_optimizer, the recipe's GPU path) "
-                "the expert weights are no longer evenly spaced, the stack is a copy, and save_stacked_weights=True "
-                "keeps that copy of every MoE layer's expert weights until its backward (the +4.8 GiB of "
-                "RESULTS.md's 544575c row, 4 Qwen3-30B-A3B layers): keep the stack only when it is a view",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("use_distributed_optimizer", [False, True])
 def test_no_stacked_copy_of_the_expert_weights_outlives_the_forward(moe, monkeypatch, use_distributed_optimizer):
     """What autograd keeps of the expert weights for the backward shares their storage (no per-layer copy)."""
     from rlkit.parallel.megatron.forward import megatron_forward
@@ -302,11 +280,11 @@ def test_load_state_dict_keeps_the_packed_layout(moe):
 
 
 @pytest.mark.parametrize("counts", [[0, 0, 0], [3, 0], [0, 3], [9], [8, 8]], ids=str)
-@pytest.mark.parametrize("save_stacked_weights", [False, True])
-def test_edge_counts_equal_the_float64_loop(counts, save_stacked_weights):
+@pytest.mark.parametrize("save_stacked_copy", [False, True])
+def test_edge_counts_equal_the_float64_loop(counts, save_stacked_copy):
     """No tokens at all (an EP rank whose experts got none), an empty last or first expert, one expert, full groups.
 
-    Per-expert weights packed in one buffer as ``build_gpt_model`` lays them out, ``save_stacked_weights`` as the
+    Per-expert weights packed in one buffer as ``build_gpt_model`` lays them out, ``save_stacked_copy`` as the
     module passes it; values and gradients against the float64 per-expert loop.
     """
     g = torch.Generator().manual_seed(1)
@@ -318,7 +296,7 @@ def test_edge_counts_equal_the_float64_loop(counts, save_stacked_weights):
     w1 = [torch.nn.Parameter(w) for w in fc1.clone().unbind(0)]  # views of one buffer: the packed layout
     w2 = [torch.nn.Parameter(w) for w in fc2.clone().unbind(0)]
     out = grouped_experts.grouped_swiglu_experts(
-        x, torch.tensor(counts), probs, w1, w2, save_stacked_weights=save_stacked_weights
+        x, torch.tensor(counts), probs, w1, w2, save_stacked_copy=save_stacked_copy
     )
     upstream = torch.randn(tokens, hidden, generator=g)
     grads = torch.autograd.grad((out * upstream).sum(), [x, probs, *w1, *w2], allow_unused=True)

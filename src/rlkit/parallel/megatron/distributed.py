@@ -397,3 +397,15 @@ def apply_cpu_distributed_patches() -> None:
 
     megatron_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     _CPU_PATCHED = True
+
+
+def forward_hooks_would_run(modules: Iterable[torch.nn.Module | None]) -> bool:
+    """Whether a forward (pre-)hook would run on one of ``modules`` if they were called.
+
+    A fused path that reads these modules' weights without calling them must then fall back to calling them:
+    megatron's DDP with ``overlap_param_gather`` waits for a module's parameter all-gather in a forward pre-hook;
+    offloading, FSDP and adapter wrappers hook modules too. Global module hooks count for every module.
+    """
+    if torch.nn.modules.module._global_forward_pre_hooks or torch.nn.modules.module._global_forward_hooks:
+        return True
+    return any(m is not None and (m._forward_pre_hooks or m._forward_hooks) for m in modules)

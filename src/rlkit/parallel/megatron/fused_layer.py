@@ -51,6 +51,7 @@ from rlkit.parallel.megatron.attention import (
     packed_causal_attention_reference,
     varlen_available,
 )
+from rlkit.parallel.megatron.distributed import forward_hooks_would_run
 from rlkit.parallel.megatron.fused import (
     _use_compile,
     packed_positions,
@@ -349,7 +350,7 @@ def fused_transformer_layer_class():
                 routes.attention
                 and attention_mask is None
                 and _attention_call_fusable(hidden_states, kwargs, routes.head_dim)
-                and not _hooked(routes.attention_modules)
+                and not forward_hooks_would_run(routes.attention_modules)
             ):
                 return super()._forward_attention(hidden_states, attention_mask, **kwargs)
             attention, packed = self.self_attention, kwargs["packed_seq_params"]
@@ -375,7 +376,7 @@ def fused_transformer_layer_class():
         def _forward_mlp(self, hidden_states: Tensor, inference_context=None, padding_mask: Tensor | None = None):
             """As ``TransformerLayer._forward_mlp``: ``[S, B, D] -> [S, B, D]``."""
             routes = self._routes()
-            if not (routes.mlp and inference_context is None and not _hooked(routes.mlp_modules)):
+            if not (routes.mlp and inference_context is None and not forward_hooks_would_run(routes.mlp_modules)):
                 return super()._forward_mlp(hidden_states, inference_context, padding_mask=padding_mask)
             weights = (self.mlp.linear_fc1.weight, self.mlp.linear_fc2.weight)
             norm, tp_group = self.pre_mlp_layernorm, self.pg_collection.tp
@@ -477,17 +478,6 @@ class _Routes:
 
 def _no_bias(*modules) -> bool:
     return all(getattr(module, "bias", None) is None for module in modules)
-
-
-def _hooked(modules) -> bool:
-    """Whether a forward (pre-)hook would run on one of ``modules``, which the route reads but does not call.
-
-    megatron's DDP with ``overlap_param_gather`` waits for a module's parameter all-gather in such a
-    pre-hook; offloading, FSDP and adapter wrappers hook modules too. Then the modules' own path runs.
-    """
-    if torch.nn.modules.module._global_forward_pre_hooks or torch.nn.modules.module._global_forward_hooks:
-        return True
-    return any(m is not None and (m._forward_pre_hooks or m._forward_hooks) for m in modules)
 
 
 def _into_tensor_parallel(x: Tensor, sequence_parallel: bool, group) -> Tensor:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from rlkit._optional import require
+from rlkit.parallel.megatron.distributed import forward_hooks_would_run
 
 
 def swiglu_experts_reference(
@@ -68,28 +69,32 @@ class _GroupedLinear(torch.autograd.Function):
     """``y[rows of e] = x[rows of e] @ W_e^T`` for groups ending at ``offs``; gradients as grouped GEMMs too.
 
     The weights come either stacked (one ``[E, N, K]`` tensor) or one ``[N, K]`` tensor per expert (megatron's
-    ``local_experts``). Per-expert weights are stacked for the GEMM; with ``save_stacked`` the stack is kept for
-    the backward, otherwise the backward stacks them again: a kept stack is one more copy of the layer's expert
-    weights alive until its backward (4.5 GiB for 4 Qwen3-30B-A3B layers at EP1 without recompute), a re-stack
-    one more weight-sized copy in time. Where the experts' weights lie evenly spaced in one storage (a gradient-
-    buffer layout), the stack is a strided view and costs neither.
+    ``local_experts``). Per-expert weights are stacked for the GEMM. Where they lie evenly spaced in one storage
+    (:func:`pack_local_expert_weights`) the stack is a strided view, kept for the backward at no cost. Otherwise
+    it is a copy: kept only with ``save_stacked_copy`` (one more copy of the layer's expert weights alive until
+    its backward: 4.5 GiB for 4 Qwen3-30B-A3B layers at EP1 without recompute), else stacked again in the
+    backward (measured 16% of that step's time).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, offs: Tensor, save_stacked: bool, *weights: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, offs: Tensor, save_stacked_copy: bool, *weights: Tensor) -> Tensor:
         stacked = _stacked(weights)
+        keep = stacked is weights[0] or stacked.data_ptr() == weights[0].data_ptr() or save_stacked_copy
         ctx.num_weights = len(weights)
-        ctx.save_for_backward(x, offs, *((stacked,) if save_stacked else weights))
+        ctx.save_for_backward(x, offs, *((stacked,) if keep else weights))
         return _grouped_mm()(x, stacked.transpose(-2, -1), offs=offs)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, offs, *weights = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_x = _grouped_mm()(grad, _stacked(weights), offs=offs)  # [R, N] x [E, N, K] -> [R, K]
-        grad_weight = _grouped_mm()(grad.t(), x, offs=offs)  # [N, R] x [R, K] per group -> [E, N, K]
-        grad_weights = grad_weight.unbind(0) if ctx.num_weights > 1 else (grad_weight,)
-        return grad_x, None, None, *grad_weights
+        grad_x = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _grouped_mm()(grad, _stacked(weights), offs=offs)  # [R, N] x [E, N, K] -> [R, K]
+        if any(ctx.needs_input_grad[3:]):
+            grad_weight = _grouped_mm()(grad.t(), x, offs=offs)  # [N, R] x [R, K] per group -> [E, N, K]
+            grad_weights = grad_weight.unbind(0) if ctx.num_weights > 1 else (grad_weight,)
+        return grad_x, None, None, *(grad_weights or (None,) * ctx.num_weights)
 
 
 def _stacked(weights: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
@@ -135,7 +140,7 @@ def grouped_swiglu_experts(
     fc1_weight: Tensor | Sequence[Tensor],
     fc2_weight: Tensor | Sequence[Tensor],
     *,
-    save_stacked_weights: bool = False,
+    save_stacked_copy: bool = False,
     align: int = 8,
 ) -> Tensor:
     """:func:`swiglu_experts_reference` as two grouped GEMMs on a group-padded copy of the tokens.
@@ -144,9 +149,10 @@ def grouped_swiglu_experts(
         x, probs: as for the reference.
         fc1_weight, fc2_weight: as for the reference (``[E, 2F, H]``, ``[E, H, F]``), or a sequence of ``E``
             per-expert ``[2F, H]`` / ``[H, F]`` tensors, which then get their own gradients.
-        save_stacked_weights: per-expert weights only: keep their stack for the backward instead of stacking them
-            again there; free when they lie evenly spaced in one buffer (:func:`pack_local_expert_weights`), else
-            one copy of the expert weights alive until the backward.
+        save_stacked_copy: per-expert weights that are not evenly spaced in one buffer (see
+            :func:`pack_local_expert_weights`): keep their stacked copy for the backward (faster; one copy of the
+            expert weights alive until the backward) instead of stacking them again there. A stack that is a
+            view of the weights is always kept.
         tokens_per_expert: ``[E]`` int counts (any device; never read on the host).
         align: rows each group is padded to (8: 16 bytes of bf16).
 
@@ -169,10 +175,10 @@ def grouped_swiglu_experts(
     offs[-1] = rows
     x_rows = x.new_zeros(rows, x.shape[1]).index_copy(0, dest, x)
     p_rows = probs.new_zeros(rows).index_copy(0, dest, probs)
-    gate, up = _GroupedLinear.apply(x_rows, offs, save_stacked_weights, *fc1).chunk(2, dim=-1)
+    gate, up = _GroupedLinear.apply(x_rows, offs, save_stacked_copy, *fc1).chunk(2, dim=-1)
     act = F.silu(gate) * up
     act = (act * p_rows.unsqueeze(-1)).to(act.dtype)
-    return _GroupedLinear.apply(act, offs, save_stacked_weights, *fc2).index_select(0, dest)
+    return _GroupedLinear.apply(act, offs, save_stacked_copy, *fc2).index_select(0, dest)
 
 
 @functools.cache
@@ -184,8 +190,9 @@ def grouped_sequential_mlp_class():
         """``SequentialMLP`` (same experts, parameters and names) whose forward is two grouped GEMMs.
 
         Falls back to the parent's loop for what it does not cover: expert tensor parallelism, biases,
-        activations other than SwiGLU, probabilities applied on the input, FP8, float64, GPUs before Hopper
-        (:func:`grouped_mm_is_fast`), widths not a multiple of 8.
+        activations other than SwiGLU, probabilities applied on the input, FP8, float64 (on CUDA anything but
+        bf16), GPUs before Hopper (:func:`grouped_mm_is_fast`), widths not a multiple of 8, and forward hooks on
+        the expert modules (megatron DDP's ``overlap_param_gather``).
         """
 
         def forward(self, permuted_local_hidden_states: Tensor, tokens_per_expert: Tensor, permuted_probs: Tensor):
@@ -196,16 +203,24 @@ def grouped_sequential_mlp_class():
             fc2 = [expert.linear_fc2.weight for expert in self.local_experts]
             if not torch.is_tensor(tokens_per_expert):
                 tokens_per_expert = torch.tensor(tokens_per_expert)
-            # With the weights packed (pack_local_expert_weights) the stack is a view of them and keeping it costs
-            # nothing; otherwise (e.g. re-pointed into megatron's DistributedOptimizer buffer, experts interleaved
-            # in reverse) keeping it trades one copy of the layer's expert weights for the time of a re-stack.
+            if tokens_per_expert.device.type == "cpu":  # megatron's allgather dispatcher: free to check here
+                total = int(tokens_per_expert.sum())
+                if total != permuted_local_hidden_states.shape[0]:
+                    raise ValueError(
+                        f"tokens_per_expert sums to {total} but {permuted_local_hidden_states.shape[0]} permuted "
+                        "tokens were dispatched to this rank's experts"
+                    )
+            # Weights re-pointed out of pack_local_expert_weights' layout (megatron's DistributedOptimizer buffer:
+            # experts interleaved in reverse) are stacked as a copy. Under full uniform recompute only the layers
+            # being recomputed hold saved tensors, so keeping that copy costs little memory and saves a re-stack.
+            recomputed = self.config.recompute_granularity == "full" and self.config.recompute_method == "uniform"
             out = grouped_swiglu_experts(
                 permuted_local_hidden_states,
                 tokens_per_expert,
                 permuted_probs,
                 fc1,
                 fc2,
-                save_stacked_weights=True,
+                save_stacked_copy=recomputed,
             )
             return out, None
 
@@ -213,7 +228,11 @@ def grouped_sequential_mlp_class():
             config, first = self.config, self.local_experts[0]
             return (
                 grouped_mm_is_fast(x.device)
-                and x.dtype in (torch.float32, torch.bfloat16, torch.float16)  # _grouped_mm's dtypes
+                # CUDA's one-kernel grouped GEMM is bf16 only (other dtypes: torch's per-group loop with a host read)
+                and x.dtype in ((torch.bfloat16,) if x.is_cuda else (torch.float32, torch.bfloat16, torch.float16))
+                # a hook on a skipped module would not run (megatron DDP's overlap_param_gather waits for the
+                # parameter all-gather in a forward pre-hook; FSDP and offloading hook modules too)
+                and not forward_hooks_would_run(self.local_experts.modules())
                 and self.num_local_experts > 1
                 and self.tp_group.size() == 1
                 and not (config.fp8 or getattr(config, "fp4", None))
