@@ -90,6 +90,17 @@ def test_per_expert_weights_are_not_kept_stacked_for_the_backward():
         torch.testing.assert_close(w.grad, want, rtol=0, atol=0)
 
 
+def test_frozen_experts_get_no_weight_gradient_and_the_input_gradient_is_unchanged():
+    (x, fc1, fc2), probs = _problem(torch.float32)
+    x = x.requires_grad_()
+    frozen = grouped_swiglu_experts(x, torch.tensor(COUNTS), probs, list(fc1.unbind(0)), list(fc2.unbind(0)))
+    (grad_frozen,) = torch.autograd.grad(frozen.sum(), x)
+    ref = [t.double().requires_grad_(t is x) for t in (x, probs, fc1, fc2)]
+    want = swiglu_experts_reference(ref[0], COUNTS, ref[1], ref[2], ref[3])
+    (grad_want,) = torch.autograd.grad(want.sum(), ref[0])
+    torch.testing.assert_close(grad_frozen.double(), grad_want, rtol=1e-5, atol=1e-5)
+
+
 def test_weights_evenly_spaced_in_one_buffer_are_stacked_without_a_copy():
     from rlkit.parallel.megatron.grouped_experts import _stacked
 
@@ -151,6 +162,29 @@ def test_qwen3_moe_with_grouped_experts_equals_the_loop_and_hf():
             for tokens, logits in zip(samples, per_sample, strict=True):
                 want = hf.eval()(input_ids=tokens[None]).logits[0]
                 torch.testing.assert_close(logits.T[:, : want.shape[-1]], want, rtol=1e-5, atol=2e-5)
+    finally:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def test_expert_counts_that_do_not_sum_to_the_tokens_are_refused():
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install 'rlkit[megatron]')")
+    from rlkit.models.tiny import build_tiny_qwen3_moe
+    from rlkit.parallel.megatron import model as megatron_model
+
+    megatron_model.init_model_parallel()
+    try:
+        hf = build_tiny_qwen3_moe(seed=5)
+        experts = megatron_model.build_gpt_model(hf.config, hf_state_dict=hf.state_dict()).decoder.layers[0].mlp.experts
+        num = experts.num_local_experts
+        x, probs = torch.randn(10, hf.config.hidden_size), torch.rand(10)
+        with pytest.raises(ValueError, match="sums to 11 but 10 permuted tokens"):
+            experts(x, torch.tensor([11] + [0] * (num - 1)), probs)
+        out, _ = experts(x, torch.tensor([10] + [0] * (num - 1)), probs)  # the same call with matching counts
+        assert out.shape == x.shape
     finally:
         from megatron.core import parallel_state
 
