@@ -26,13 +26,12 @@ import time
 import warnings
 
 import torch
+from megatron_common import SHAPES as MEGATRON_SHAPES
 
-# Qwen/Qwen3-4B config.json (weights random); "tiny36" has 4B's layer count at toy width (host-overhead probe).
+# Qwen/Qwen3-4B's shape (weights random) from megatron_common; "tiny36" has 4B's layer count at toy width
+# (host-overhead probe).
 SHAPES = {
-    "qwen3-4b": dict(
-        hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
-    ),
+    "qwen3-4b": MEGATRON_SHAPES["qwen3-4b"],
     "tiny36": dict(
         hidden_size=64, intermediate_size=176, num_hidden_layers=36, num_attention_heads=4,
         num_key_value_heads=2, head_dim=16, vocab_size=1000, tie_word_embeddings=True,
