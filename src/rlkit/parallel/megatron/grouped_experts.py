@@ -79,7 +79,7 @@ class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, offs: Tensor, save_stacked_copy: bool, *weights: Tensor) -> Tensor:
         stacked = _stacked(weights)
-        keep = stacked is weights[0] or stacked.data_ptr() == weights[0].data_ptr() or save_stacked_copy
+        keep = save_stacked_copy or stacked.data_ptr() == weights[0].data_ptr()  # a copy, or the weights' memory
         ctx.num_weights = len(weights)
         ctx.save_for_backward(x, offs, *((stacked,) if keep else weights))
         return _grouped_mm()(x, stacked.transpose(-2, -1), offs=offs)
@@ -230,9 +230,6 @@ def grouped_sequential_mlp_class():
                 grouped_mm_is_fast(x.device)
                 # CUDA's one-kernel grouped GEMM is bf16 only (other dtypes: torch's per-group loop with a host read)
                 and x.dtype in ((torch.bfloat16,) if x.is_cuda else (torch.float32, torch.bfloat16, torch.float16))
-                # a hook on a skipped module would not run (megatron DDP's overlap_param_gather waits for the
-                # parameter all-gather in a forward pre-hook; FSDP and offloading hook modules too)
-                and not forward_hooks_would_run(self.local_experts.modules())
                 and self.num_local_experts > 1
                 and self.tp_group.size() == 1
                 and not (config.fp8 or getattr(config, "fp4", None))
@@ -246,6 +243,10 @@ def grouped_sequential_mlp_class():
                 and x.dim() == 2
                 and x.shape[1] % 8 == 0
                 and config.moe_ffn_hidden_size % 8 == 0
+                # last, it walks every expert module: a hook on a skipped module would not run (megatron DDP's
+                # overlap_param_gather waits for the parameter all-gather in a forward pre-hook; FSDP and
+                # offloading hook modules too)
+                and not forward_hooks_would_run(self.local_experts.modules())
             )
 
     return GroupedSequentialMLP
