@@ -49,16 +49,20 @@ def _grouped_model(hf):
     return build_gpt_model(hf.config, hf_state_dict=hf.state_dict())  # grouped experts, packed: the default
 
 
-def _megatron_ddp(model, monkeypatch, **ddp_fields):
-    """megatron's DDP around ``model`` on the CPU (its buffers are allocated on ``torch.cuda.current_device()``)."""
+def _megatron_ddp(model, set_attribute=setattr, **ddp_fields):
+    """megatron's DDP around ``model`` on the CPU (its buffers are allocated on ``torch.cuda.current_device()``).
+
+    ``set_attribute`` patches megatron's module-level ``torch``: ``monkeypatch.setattr`` in this process, plain
+    ``setattr`` in a spawned rank (which exits after the test).
+    """
     import megatron.core.distributed.distributed_data_parallel as ddp_module
     import megatron.core.distributed.param_and_grad_buffer as buffer_module
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from rlkit.parallel.megatron.distributed import _CpuTorch
 
-    monkeypatch.setattr(buffer_module, "torch", _CpuTorch())
-    monkeypatch.setattr(ddp_module, "torch", _CpuTorch())
+    set_attribute(buffer_module, "torch", _CpuTorch())
+    set_attribute(ddp_module, "torch", _CpuTorch())
     config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, average_in_collective=False, **ddp_fields)
     return DistributedDataParallel(config=model.config, ddp_config=config, module=model)
 
@@ -82,7 +86,7 @@ def test_megatron_ddp_main_grads_equal_the_loop(moe, monkeypatch, use_distribute
     from rlkit.parallel.megatron.forward import megatron_forward
 
     hf, micro, upstream, loop_grads = moe
-    ddp = _megatron_ddp(_grouped_model(hf), monkeypatch, use_distributed_optimizer=use_distributed_optimizer)
+    ddp = _megatron_ddp(_grouped_model(hf), monkeypatch.setattr, use_distributed_optimizer=use_distributed_optimizer)
     fc1 = [expert.linear_fc1.weight for expert in _expert_layers(ddp.module)[0].local_experts]
     is_view = grouped_experts._stacked(fc1).data_ptr() == fc1[0].data_ptr()
     assert is_view != use_distributed_optimizer
@@ -103,21 +107,15 @@ def test_megatron_ddp_main_grads_equal_the_loop(moe, monkeypatch, use_distribute
 def _ep2_ddp_worker(rank: int, results, loop_grads) -> None:
     import re
 
-    import megatron.core.distributed.distributed_data_parallel as ddp_module
-    import megatron.core.distributed.param_and_grad_buffer as buffer_module
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from rlkit.parallel.megatron.distributed import _CpuTorch
     from rlkit.parallel.megatron.forward import megatron_forward
     from rlkit.parallel.megatron.model import build_gpt_model, init_model_parallel
 
-    buffer_module.torch = ddp_module.torch = _CpuTorch()  # this process only
     init_model_parallel(expert_model_parallel_size=2)  # 4 local experts per rank; DP2 for the dense weights
     hf, micro, upstream = _problem()
     model = build_gpt_model(hf.config, hf_state_dict=hf.state_dict())
-    config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, average_in_collective=False)
-    ddp = DistributedDataParallel(config=model.config, ddp_config=config, module=model)
+    ddp = _megatron_ddp(model)  # this process only: plain setattr
     ddp.zero_grad_buffer()
     (megatron_forward(ddp)(micro).float()[:, :VOCAB] * upstream).sum().backward()
     ddp.finish_grad_sync()
@@ -176,7 +174,7 @@ def test_overlap_param_gather_waits_for_the_expert_weights(moe, monkeypatch):
     # small buckets, so that expert weights sit in buckets of their own (as in any real-size model)
     ddp = _megatron_ddp(
         _grouped_model(hf),
-        monkeypatch,
+        monkeypatch.setattr,
         use_distributed_optimizer=True,
         overlap_grad_reduce=True,
         overlap_param_gather=True,
@@ -203,7 +201,7 @@ def test_no_stacked_copy_of_the_expert_weights_outlives_the_forward(moe, monkeyp
     from rlkit.parallel.megatron.forward import megatron_forward
 
     hf, micro, _, _ = moe
-    ddp = _megatron_ddp(_grouped_model(hf), monkeypatch, use_distributed_optimizer=use_distributed_optimizer)
+    ddp = _megatron_ddp(_grouped_model(hf), monkeypatch.setattr, use_distributed_optimizer=use_distributed_optimizer)
     layers = _expert_layers(ddp.module)
     stacked_shapes = {
         (len(layer.local_experts), *getattr(layer.local_experts[0], linear).weight.shape)
